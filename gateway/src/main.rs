@@ -1,1 +1,119 @@
-fn main() {}
+//! The `smsgw` command line. Errors become exit codes here and nowhere else.
+
+use clap::{Parser, Subcommand};
+use smsgw::config::{self, LogFormat, Settings};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "smsgw",
+    version,
+    about = "A PBX SMS gateway between SIP and Twilio Programmable Messaging"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check the configuration, then run the gateway until SIGINT or SIGTERM.
+    Run {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        /// Log as JSON lines (overrides log.format).
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Check the configuration and print every problem; exit non-zero if there is one.
+    Check {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+/// Exit status for a configuration that does not validate (EX_CONFIG).
+const EXIT_CONFIG: u8 = 78;
+
+fn load(path: &std::path::Path) -> Result<Settings, ExitCode> {
+    config::load(path).map_err(|e| {
+        eprint!("smsgw: {}: {e}", path.display());
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn init_logging(settings: &Settings, json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if json || settings.log.format == LogFormat::Json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match load(&config) {
+            Ok(s) => {
+                println!(
+                    "{}: OK ({} extensions, {} trunks, {} SMS configurations)",
+                    config.display(),
+                    s.extensions.len(),
+                    s.trunks.len(),
+                    s.sms.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run { config, log_json } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            init_logging(&settings, log_json);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("smsgw: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(smsgw::app::run(settings, shutdown_signal())) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    let e = anyhow::Error::from(e);
+                    tracing::error!("{e:#}");
+                    eprintln!("smsgw: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

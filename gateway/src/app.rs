@@ -1,0 +1,242 @@
+//! Wiring: opens the store, binds every listener, starts the tasks, and shuts down gracefully.
+
+use crate::config::Settings;
+use crate::http::{admin_router, webhook_router, AdminState};
+use crate::metrics::Metrics;
+use crate::registration::{
+    from_stored, housekeeping, persist_bindings, unix_now, DirtyAors, Ha1, SipService,
+};
+use crate::store::{SqliteStore, Store, StoreError};
+use smsgw_sip::digest::{Algorithm, DigestConfig, DigestServer};
+use smsgw_sip::guard::{AuthGuard, GuardConfig};
+use smsgw_sip::registrar::{ExpiryLimits, Registrar, RegistrarConfig};
+use smsgw_sip::{Endpoint, EndpointConfig, SipError, Transport};
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Sip(#[from] SipError),
+    #[error("cannot listen on {key} = {addr}: {source}")]
+    Bind {
+        key: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read or create the nonce key {path}: {source}")]
+    NonceKey {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// The key that signs digest nonces, kept in the data directory so that nonces handed out before
+/// a restart stay valid after it.
+fn nonce_key(path: &Path) -> Result<[u8; 32], AppError> {
+    let err = |source| AppError::NonceKey {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Ok(bytes) = std::fs::read(path) {
+        if let Ok(key) = <[u8; 32]>::try_from(bytes.as_slice()) {
+            return Ok(key);
+        }
+    }
+    let key: [u8; 32] = rand::random();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, key).map_err(err)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    }
+    std::fs::rename(&tmp, path).map_err(err)?;
+    Ok(key)
+}
+
+/// Runs the gateway until `shutdown` completes, then drains within the grace period.
+pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    let cancel = CancellationToken::new();
+    let store = SqliteStore::open(&settings.gateway.data_dir).await?;
+    let key_path = settings.gateway.data_dir.join("nonce.key");
+    let key = tokio::task::spawn_blocking(move || nonce_key(&key_path))
+        .await
+        .expect("nonce key task")?;
+    let metrics = Arc::new(Metrics::new());
+    let sip = &settings.sip;
+    let registrar = Arc::new(Registrar::new(RegistrarConfig {
+        limits: ExpiryLimits {
+            min: sip.min_expires,
+            max: sip.max_expires,
+            default: sip.default_expires,
+        },
+        max_contacts_per_aor: sip.max_contacts_per_extension,
+    }));
+    restore_bindings(&store, &registrar).await?;
+
+    let udp_workers = match sip.udp_workers {
+        0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+        n => n,
+    };
+    let endpoint = Endpoint::bind(
+        EndpointConfig {
+            listen: sip.listen.clone(),
+            udp_workers,
+            max_body: sip.max_message_bytes,
+            max_tcp_connections: sip.max_tcp_connections,
+            tcp_idle_timeout: Duration::from_secs(u64::from(sip.max_expires) + 60),
+            ..EndpointConfig::default()
+        },
+        cancel.clone(),
+    )
+    .await?;
+    let bind = |key, addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| AppError::Bind { key, addr, source })
+    };
+    let webhook_listener = bind("http.webhook_listen", settings.http.webhook_listen).await?;
+    let admin_listener = bind("http.admin_listen", settings.http.admin_listen).await?;
+    let webhook_addr = webhook_listener
+        .local_addr()
+        .unwrap_or(settings.http.webhook_listen);
+    let admin_addr = admin_listener
+        .local_addr()
+        .unwrap_or(settings.http.admin_listen);
+
+    let realm = settings.gateway.domain.clone();
+    let users = settings
+        .extensions
+        .iter()
+        .map(|e| {
+            let id = e.id.as_str();
+            (Box::from(id), Ha1::new(id, &realm, e.password.expose()))
+        })
+        .collect::<HashMap<_, _>>();
+    let algorithms = if sip.digest_md5_only {
+        vec![Algorithm::Md5]
+    } else {
+        vec![Algorithm::Sha256, Algorithm::Md5]
+    };
+    let dirty = Arc::new(DirtyAors::default());
+    let service = Arc::new(SipService {
+        registrar: registrar.clone(),
+        digest: DigestServer::with_key(
+            DigestConfig {
+                realm,
+                algorithms,
+                nonce_lifetime_secs: sip.nonce_lifetime_secs,
+                max_tracked_nonces: 1_000_000,
+            },
+            key,
+        ),
+        guard: AuthGuard::new(GuardConfig {
+            max_failures: sip.auth_max_failures,
+            window: Duration::from_secs(sip.auth_failure_window_secs),
+            cooldown: Duration::from_secs(sip.auth_block_secs),
+            max_tracked: 100_000,
+        }),
+        users,
+        metrics: metrics.clone(),
+        dirty: dirty.clone(),
+    });
+
+    let mut tasks = endpoint.start(service.clone());
+    tasks.spawn(persist_bindings(
+        store.clone(),
+        registrar.clone(),
+        dirty,
+        metrics.clone(),
+        cancel.clone(),
+    ));
+    tasks.spawn(housekeeping(
+        service.clone(),
+        endpoint.clone(),
+        cancel.clone(),
+    ));
+    let ready = Arc::new(AtomicBool::new(false));
+    let admin = admin_router(AdminState {
+        registrar,
+        metrics,
+        admin_token: settings.http.admin_token.clone(),
+        ready: ready.clone(),
+    });
+    for (listener, router) in [
+        (webhook_listener, webhook_router()),
+        (admin_listener, admin),
+    ] {
+        let stop = cancel.clone();
+        tasks.spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "http listener failed");
+            }
+        });
+    }
+
+    store.ping().await?;
+    ready.store(true, Ordering::Release);
+    let addrs = endpoint.local_addrs();
+    let list = |t: Transport| {
+        addrs
+            .iter()
+            .filter(|(tr, _)| *tr == t)
+            .map(|(_, a)| a.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    tracing::info!(
+        sip_udp = %list(Transport::Udp),
+        sip_tcp = %list(Transport::Tcp),
+        webhook = %webhook_addr,
+        admin = %admin_addr,
+        "smsgw ready"
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down: no new work is taken; saving registrations");
+    ready.store(false, Ordering::Release);
+    cancel.cancel();
+    let grace = settings.gateway.shutdown_grace;
+    if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            ?grace,
+            "tasks still running after the grace period; exiting anyway"
+        );
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn restore_bindings(store: &SqliteStore, registrar: &Registrar) -> Result<(), StoreError> {
+    let now = tokio::time::Instant::now();
+    let now_unix = unix_now();
+    let mut by_aor: HashMap<String, Vec<_>> = HashMap::new();
+    for b in store.load_bindings(now_unix as i64).await? {
+        by_aor
+            .entry(b.aor.clone())
+            .or_default()
+            .push(from_stored(b, now, now_unix));
+    }
+    let count: usize = by_aor.values().map(Vec::len).sum();
+    for (aor, bindings) in by_aor {
+        registrar.restore(&aor, bindings);
+    }
+    tracing::info!(bindings = count, "restored registrations from the store");
+    Ok(())
+}
