@@ -330,7 +330,7 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Settin
         .build()
         .map_err(|e| single(&path.display().to_string(), e.to_string()))?;
     let mut unknown = Vec::new();
-    let mut on_unknown = |p: serde_ignored::Path<'_>| unknown.push(p.to_string());
+    let mut on_unknown = |p: serde_ignored::Path<'_>| unknown.push(key_of(&p));
     let raw: Result<RawConfig, _> =
         serde_path_to_error::deserialize(serde_ignored::Deserializer::new(built, &mut on_unknown));
     let mut problems: Vec<Problem> = unknown
@@ -354,6 +354,22 @@ pub fn load_with_env(path: &Path, env: HashMap<String, String>) -> Result<Settin
         Ok(settings)
     } else {
         Err(ConfigError { problems })
+    }
+}
+
+/// `sms[0].dids` style, the same as validation uses.
+fn key_of(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", key_of(parent)),
+        Path::Map { parent, key } => match key_of(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => key_of(parent),
     }
 }
 

@@ -5,6 +5,11 @@ use smsgw::config::{self, LogFormat, Settings};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// mimalloc returns freed memory to the system promptly; with glibc's allocator the memory of
+/// expired transactions and of config parsing stayed in RSS for good.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "smsgw",

@@ -62,6 +62,9 @@ pub struct EndpointConfig {
     pub tcp_idle_timeout: Duration,
     /// Hard bound on server transactions remembered at once; above it requests get 503.
     pub max_server_transactions: usize,
+    /// Requested kernel receive and send buffer of each UDP socket; the kernel may cap it
+    /// (net.core.rmem_max). A burst larger than the buffer is dropped before we see it.
+    pub udp_buffer_bytes: usize,
 }
 
 impl Default for EndpointConfig {
@@ -73,6 +76,7 @@ impl Default for EndpointConfig {
             max_tcp_connections: 10_000,
             tcp_idle_timeout: Duration::from_secs(3660),
             max_server_transactions: 1_000_000,
+            udp_buffer_bytes: 8 * 1024 * 1024,
         }
     }
 }
@@ -133,9 +137,9 @@ impl Endpoint {
                 source,
             };
             match transport {
-                Transport::Udp => {
-                    udp.push(Arc::new(UdpSocket::bind(addr).await.map_err(bind_err)?))
-                }
+                Transport::Udp => udp.push(Arc::new(
+                    bind_udp(addr, config.udp_buffer_bytes).map_err(bind_err)?,
+                )),
                 Transport::Tcp => {
                     let l = TcpListener::bind(addr).await.map_err(bind_err)?;
                     tcp.push((l.local_addr().map_err(bind_err)?, Arc::new(l)));
@@ -256,6 +260,17 @@ impl Endpoint {
             }
         }
     }
+}
+
+fn bind_udp(addr: SocketAddr, buffer: usize) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    // Best effort: a smaller buffer than asked for still works, it only drops bursts sooner.
+    let _ = socket.set_recv_buffer_size(buffer);
+    let _ = socket.set_send_buffer_size(buffer);
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    UdpSocket::from_std(socket.into())
 }
 
 struct ClientTxGuard<'a>(&'a Inner, Box<str>);
@@ -623,6 +638,12 @@ async fn expiry_loop(inner: Arc<Inner>) {
             if inner.server_txs.remove(&key).is_some() {
                 inner.server_tx_count.fetch_sub(1, Ordering::Relaxed);
             }
+        }
+        // After a burst the tables keep their peak capacity; give it back once mostly empty.
+        let capacity = inner.server_txs.capacity();
+        if capacity > 4096 && inner.server_txs.len() * 8 < capacity {
+            inner.server_txs.shrink_to_fit();
+            inner.expiry.lock().expect("expiry lock").shrink_to_fit();
         }
     }
 }

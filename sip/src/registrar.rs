@@ -240,6 +240,8 @@ impl Registrar {
             let excess = entry.len() - self.config.max_contacts_per_aor;
             entry.drain(..excess);
         }
+        // Most extensions have one phone: do not keep Vec's default spare capacity per extension.
+        entry.shrink_to_fit();
         let current = entry.clone();
         let after = entry.len();
         let empty = entry.is_empty();

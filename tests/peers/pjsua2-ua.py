@@ -2,9 +2,10 @@
 """A SIP user agent built on pjsip (PyPI pjsua2-python), driven by smsgw's black-box tests.
 
     pjsua2-ua.py --user 101 --password pw --domain 127.0.0.1 --registrar 127.0.0.1:5060 \
-        [--transport udp|tcp] [--expires 300]
+        [--transport udp|tcp] [--expires 300] [--keep]
 
-Registers, prints "REGISTER -> <code> <reason>" and exits 0 on 2xx, 1 otherwise.
+Registers, prints "REGISTER -> <code> <reason>" and exits 0 on 2xx, 1 otherwise. Without --keep
+it unregisters on the way out, as a phone does when it is switched off.
 """
 import argparse
 import sys
@@ -33,6 +34,7 @@ def main():
     ap.add_argument("--transport", default="udp", choices=["udp", "tcp"])
     ap.add_argument("--expires", type=int, default=300)
     ap.add_argument("--timeout", type=float, default=10.0)
+    ap.add_argument("--keep", action="store_true", help="exit without unregistering")
     args = ap.parse_args()
 
     ep = pj.Endpoint()
@@ -63,8 +65,11 @@ def main():
         ep.libHandleEvents(20)
     code, reason = acc.code, acc.reason
     print(f"REGISTER -> {code} {reason}", flush=True)
-    acc.shutdown()
-    ep.libDestroy()
+    if args.keep:
+        ep.libDestroy(pj.PJSUA_DESTROY_NO_NETWORK)
+    else:
+        acc.shutdown()
+        ep.libDestroy()
     sys.exit(0 if code is not None and 200 <= code < 300 else 1)
 
 
