@@ -852,17 +852,21 @@ mod tests {
         assert_eq!(handler.0.load(Ordering::SeqCst), 1);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn client_retransmits_on_timer_e_and_times_out_on_timer_f() {
-        let ((_tasks, ep), _handler, _addr) = endpoint().await;
-        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        sink.set_nonblocking(true).unwrap();
-        let flow = ep
-            .flow_to(Transport::Udp, sink.local_addr().unwrap())
-            .unwrap();
+    /// Remembers the flow of each request, as the registrar does.
+    struct FlowRecorder(Mutex<Vec<Flow>>);
+
+    impl Handler for FlowRecorder {
+        fn on_request(&self, tx: ServerTx) {
+            self.0.lock().unwrap().push(tx.flow);
+            let resp = Response::to(&tx.request, 200);
+            tx.respond(resp);
+        }
+    }
+
+    fn message_to(uri: &str) -> Request {
         let mut req = crate::message::Request {
             method: Method::Message,
-            uri: "sip:101@127.0.0.1".into(),
+            uri: uri.into(),
             headers: Default::default(),
             body: Bytes::from_static(b"hi"),
         };
@@ -874,6 +878,66 @@ mod tests {
         ] {
             req.headers.push(n, v);
         }
+        req
+    }
+
+    #[tokio::test]
+    async fn requests_to_a_tcp_flow_reuse_the_phones_connection() {
+        let ep = Endpoint::bind(
+            EndpointConfig {
+                listen: vec![(Transport::Tcp, "127.0.0.1:0".parse().unwrap())],
+                ..Default::default()
+            },
+            CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        let recorder = Arc::new(FlowRecorder(Mutex::new(Vec::new())));
+        let _tasks = ep.start(recorder.clone());
+        let addr = ep.local_addrs()[0].1;
+
+        // The "phone": one TCP connection, used first to send a request.
+        let mut phone = TcpStream::connect(addr).await.unwrap();
+        let request = options("z9hG4bKtcp").replace("UDP", "TCP");
+        phone.write_all(request.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = phone.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"SIP/2.0 200 OK"));
+        let flow = recorder.0.lock().unwrap()[0];
+        assert_eq!(flow.remote, phone.local_addr().unwrap());
+        assert!(flow.conn.is_some_and(|c| ep.is_connected(c)));
+
+        // The gateway sends on that flow: the MESSAGE arrives on the same connection.
+        let sender = ep.clone();
+        let pending = tokio::spawn(async move {
+            sender
+                .send_request(message_to("sip:101@10.9.9.9"), flow)
+                .await
+        });
+        let n = phone.read(&mut buf).await.unwrap();
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(
+            text.starts_with("MESSAGE sip:101@10.9.9.9 SIP/2.0"),
+            "{text}"
+        );
+        let Ok(Message::Request(msg)) = crate::message::parse_datagram(&buf[..n]) else {
+            panic!("not a request: {text}")
+        };
+        let answer = Response::to(&msg, 200);
+        phone.write_all(&answer.to_bytes()).await.unwrap();
+        let final_response = pending.await.unwrap().unwrap();
+        assert_eq!(final_response.code, 200);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn client_retransmits_on_timer_e_and_times_out_on_timer_f() {
+        let ((_tasks, ep), _handler, _addr) = endpoint().await;
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sink.set_nonblocking(true).unwrap();
+        let flow = ep
+            .flow_to(Transport::Udp, sink.local_addr().unwrap())
+            .unwrap();
+        let req = message_to("sip:101@127.0.0.1");
         let started = Instant::now();
         let result = ep.send_request(req, flow).await;
         assert!(matches!(result, Err(SipError::Timeout(_))));
