@@ -86,6 +86,19 @@ fn udp_garbage_truncation_and_missing_headers() {
     let resp = udp_exchange(&sock, gw.sip_udp, reg.as_bytes()).expect("an answer");
     assert!(resp.starts_with("SIP/2.0 401"), "{resp}");
 
+    let unknown = request("FROB", "frob", "", "", "UDP");
+    let resp = udp_exchange(&sock, gw.sip_udp, unknown.as_bytes()).expect("an answer");
+    assert!(resp.starts_with("SIP/2.0 501 Not Implemented"), "{resp}");
+    let require = request("OPTIONS", "req", "Require: 100rel\r\n", "", "UDP");
+    let resp = udp_exchange(&sock, gw.sip_udp, require.as_bytes()).expect("an answer");
+    assert!(
+        resp.starts_with("SIP/2.0 420 Bad Extension") && resp.contains("Unsupported: 100rel"),
+        "{resp}"
+    );
+    let long_branch = request("OPTIONS", &"b".repeat(300), "", "", "UDP");
+    let resp = udp_exchange(&sock, gw.sip_udp, long_branch.as_bytes()).expect("an answer");
+    assert!(resp.starts_with("SIP/2.0 400"), "{resp}");
+
     let good = request("OPTIONS", "good", "", "", "UDP");
     let resp = udp_exchange(&sock, gw.sip_udp, good.as_bytes()).expect("still answering");
     assert!(resp.starts_with("SIP/2.0 200 OK"), "{resp}");

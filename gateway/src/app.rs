@@ -53,20 +53,24 @@ fn nonce_key(path: &Path) -> Result<[u8; 32], AppError> {
         }
     }
     let key: [u8; 32] = rand::random();
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, key).map_err(err)?;
+    let tmp = path.with_extension(format!("tmp-{}", smsgw_sip::random_token(12)));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
     #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-    }
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&tmp).map_err(err)?;
+    std::io::Write::write_all(&mut file, &key).map_err(err)?;
+    file.sync_all().map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)?;
     Ok(key)
 }
 
 /// Runs the gateway until `shutdown` completes, then drains within the grace period.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
-    let cancel = CancellationToken::new();
+    // Two phases at shutdown: `intake` (SIP, HTTP) stops first, then `background` (persistence,
+    // housekeeping) gets to save what intake left behind.
+    let intake = CancellationToken::new();
+    let background = CancellationToken::new();
     let store = SqliteStore::open(&settings.gateway.data_dir).await?;
     let key_path = settings.gateway.data_dir.join("nonce.key");
     let key = tokio::task::spawn_blocking(move || nonce_key(&key_path))
@@ -97,7 +101,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             tcp_idle_timeout: Duration::from_secs(u64::from(sip.max_expires) + 60),
             ..EndpointConfig::default()
         },
-        cancel.clone(),
+        intake.clone(),
     )
     .await?;
     let bind = |key, addr| async move {
@@ -151,18 +155,19 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         dirty: dirty.clone(),
     });
 
-    let mut tasks = endpoint.start(service.clone());
-    tasks.spawn(persist_bindings(
+    let mut intake_tasks = endpoint.start(service.clone());
+    let mut background_tasks = tokio::task::JoinSet::new();
+    background_tasks.spawn(persist_bindings(
         store.clone(),
         registrar.clone(),
         dirty,
         metrics.clone(),
-        cancel.clone(),
+        background.clone(),
     ));
-    tasks.spawn(housekeeping(
+    background_tasks.spawn(housekeeping(
         service.clone(),
         endpoint.clone(),
-        cancel.clone(),
+        background.clone(),
     ));
     let ready = Arc::new(AtomicBool::new(false));
     let admin = admin_router(AdminState {
@@ -175,8 +180,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         (webhook_listener, webhook_router()),
         (admin_listener, admin),
     ] {
-        let stop = cancel.clone();
-        tasks.spawn(async move {
+        let stop = intake.clone();
+        intake_tasks.spawn(async move {
             let served = axum::serve(listener, router)
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await;
@@ -208,19 +213,29 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     shutdown.await;
     tracing::info!("shutting down: no new work is taken; saving registrations");
     ready.store(false, Ordering::Release);
-    cancel.cancel();
-    let grace = settings.gateway.shutdown_grace;
-    if tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} })
-        .await
-        .is_err()
-    {
+    let deadline = tokio::time::Instant::now() + settings.gateway.shutdown_grace;
+    intake.cancel();
+    drain(&mut intake_tasks, deadline, "intake").await;
+    background.cancel();
+    // The final save gets at least a second even if intake used up the grace period.
+    let save_deadline =
+        deadline.max(tokio::time::Instant::now() + std::time::Duration::from_secs(1));
+    drain(&mut background_tasks, save_deadline, "background").await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn drain(tasks: &mut tokio::task::JoinSet<()>, deadline: tokio::time::Instant, what: &str) {
+    let joined = tokio::time::timeout_at(deadline, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if joined.is_err() {
         tracing::warn!(
-            ?grace,
+            what,
             "tasks still running after the grace period; exiting anyway"
         );
     }
-    tracing::info!("stopped");
-    Ok(())
 }
 
 async fn restore_bindings(store: &SqliteStore, registrar: &Registrar) -> Result<(), StoreError> {

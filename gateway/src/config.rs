@@ -464,10 +464,20 @@ fn check_sid(value: &str, prefix: &str) -> Result<String, String> {
 fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Settings {
     let mut c = Collector(problems);
     let g = &raw.gateway;
-    if g.domain.trim().is_empty() || g.domain.contains(char::is_whitespace) {
+    let domain_ok = !g.domain.is_empty()
+        && g.domain
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    if !domain_ok {
         c.push(
             "gateway.domain",
-            "must be a host name or IP address without spaces",
+            "must be a host name or IP address (letters, digits, '.', '-', ':')",
+        );
+    }
+    if g.shutdown_grace_secs == 0 {
+        c.push(
+            "gateway.shutdown_grace_secs",
+            "must be at least 1 (in-flight work is saved in that time)",
         );
     }
     let public_url = c
@@ -511,11 +521,14 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Settings {
             c.push(key, "must be greater than 0");
         }
     }
-    if s.max_message_bytes < 1300 {
+    if !(1300..=64 * 1024 * 1024).contains(&s.max_message_bytes) {
         c.push(
             "sip.max_message_bytes",
-            "must be at least 1300 (RFC 3428 §8)",
+            "must be between 1300 (RFC 3428 §8) and 67108864",
         );
+    }
+    if s.udp_workers > 64 {
+        c.push("sip.udp_workers", "must be at most 64 (0 = one per core)");
     }
 
     let h = &raw.http;

@@ -17,6 +17,12 @@ use tokio_util::sync::CancellationToken;
 
 pub const ALLOW: &str = "REGISTER, OPTIONS";
 
+/// RFC 3261 §8.2.2.3: we support no extensions, so any `Require` gets 420 naming them.
+fn unsupported_extensions(tx: &ServerTx) -> Option<String> {
+    let required: Vec<&str> = tx.request.headers.list("Require").collect();
+    (!required.is_empty()).then(|| required.join(", "))
+}
+
 pub fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -68,7 +74,10 @@ impl SipService {
 
     fn challenge(&self, tx: ServerTx, stale: bool) {
         let mut resp = Response::to(&tx.request, 401);
-        for value in self.digest.challenges(unix_now(), stale) {
+        for value in self
+            .digest
+            .challenges(unix_now(), stale, tx.flow.remote.ip())
+        {
             resp.headers.push("WWW-Authenticate", value);
         }
         self.reply(tx, resp);
@@ -104,7 +113,7 @@ impl SipService {
             .get(creds.username.as_str())
             .and_then(|h| h.for_algorithm(creds.algorithm.as_deref()));
         let method = tx.request.method.as_str().to_string();
-        match self.digest.verify(&creds, &method, ha1, unix_now()) {
+        match self.digest.verify(&creds, &method, ha1, unix_now(), ip) {
             Verdict::Accepted => {
                 let algorithm =
                     Algorithm::parse(creds.algorithm.as_deref()).map_or("unknown", Algorithm::name);
@@ -126,7 +135,9 @@ impl SipService {
                         reason: reason.label(),
                     })
                     .inc();
-                if self.guard.record_failure(ip, now) {
+                // Only a wrong answer to a nonce we sent to this very address counts: nonces are
+                // bound to the address, so spoofed packets cannot get a phone blocked.
+                if reason == RejectReason::WrongCredentials && self.guard.record_failure(ip, now) {
                     tracing::warn!(source = %ip, "blocking source address after repeated authentication failures");
                 }
                 tracing::info!(source = %tx.flow.remote, user = %creds.username, reason = %reason, "authentication failed");
@@ -229,12 +240,20 @@ impl Handler for SipService {
                 method: method_label(&tx.request.method),
             })
             .inc();
+        if let Some(unsupported) = unsupported_extensions(&tx) {
+            let resp = Response::to(&tx.request, 420).header("Unsupported", unsupported);
+            return self.reply(tx, resp);
+        }
         match tx.request.method {
             Method::Register => self.on_register(tx),
             Method::Options => {
                 let resp = Response::to(&tx.request, 200)
                     .header("Allow", ALLOW)
                     .header("Accept", "text/plain");
+                self.reply(tx, resp);
+            }
+            Method::Other(_) => {
+                let resp = Response::to(&tx.request, 501).header("Allow", ALLOW);
                 self.reply(tx, resp);
             }
             _ => {

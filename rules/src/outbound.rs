@@ -279,7 +279,8 @@ mod tests {
     fn table() {
         let rules = rules();
         let ext = Source::Extension;
-        let cases: Vec<(Source, &str, Result<(&str, &str), &str>)> = vec![
+        type Case<'a> = (Source<'a>, &'a str, Result<(&'a str, &'a str), &'a str>);
+        let cases: Vec<Case> = vec![
             (
                 ext("101"),
                 "+15551234567",

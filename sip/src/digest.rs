@@ -1,7 +1,8 @@
 //! The digest server (RFC 3261 §22, RFC 7616, RFC 8760): challenges, nonces and verification.
 //!
-//! Nonces are self-validating: `ts ‖ id ‖ HMAC-SHA256(key, ts ‖ id ‖ realm)[..16]`, so nothing is
-//! stored per challenge. Only nonces that have been *used* are remembered (their last nc), which is
+//! Nonces are self-validating: `ts ‖ id ‖ HMAC-SHA256(key, ts ‖ id ‖ realm ‖ client IP)[..16]`, so
+//! nothing is stored per challenge, and a nonce only works from the address it was sent to (a
+//! spoofed source never sees its challenge, so it cannot even produce a wrong answer that counts). Only nonces that have been *used* are remembered (their last nc), which is
 //! what replay protection needs; that table has a hard size bound.
 
 use base64::Engine as _;
@@ -9,6 +10,7 @@ use dashmap::DashMap;
 use hmac::{Hmac, Mac};
 use md5::Md5;
 use sha2::{Digest as _, Sha256};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use subtle::ConstantTimeEq;
 
@@ -234,25 +236,29 @@ impl DigestServer {
         &self.config.realm
     }
 
-    fn mac(&self, ts: u64, id: u64) -> [u8; 16] {
+    fn mac(&self, ts: u64, id: u64, ip: IpAddr) -> [u8; 16] {
         let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.key).expect("any key length");
         mac.update(&ts.to_be_bytes());
         mac.update(&id.to_be_bytes());
         mac.update(self.config.realm.as_bytes());
+        match ip {
+            IpAddr::V4(v4) => mac.update(&v4.octets()),
+            IpAddr::V6(v6) => mac.update(&v6.octets()),
+        }
         let full = mac.finalize().into_bytes();
         full[..16].try_into().expect("16 of 32 bytes")
     }
 
-    pub fn new_nonce(&self, now: u64) -> String {
+    pub fn new_nonce(&self, now: u64, ip: IpAddr) -> String {
         let id: u64 = rand::random();
         let mut raw = [0u8; 32];
         raw[..8].copy_from_slice(&now.to_be_bytes());
         raw[8..16].copy_from_slice(&id.to_be_bytes());
-        raw[16..].copy_from_slice(&self.mac(now, id));
+        raw[16..].copy_from_slice(&self.mac(now, id, ip));
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
     }
 
-    pub fn check_nonce(&self, nonce: &str, now: u64) -> NonceState {
+    pub fn check_nonce(&self, nonce: &str, now: u64, ip: IpAddr) -> NonceState {
         let Ok(raw) = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(nonce) else {
             return NonceState::Forged;
         };
@@ -261,7 +267,7 @@ impl DigestServer {
         }
         let ts = u64::from_be_bytes(raw[..8].try_into().expect("8 bytes"));
         let id = u64::from_be_bytes(raw[8..16].try_into().expect("8 bytes"));
-        if !bool::from(self.mac(ts, id).ct_eq(&raw[16..])) {
+        if !bool::from(self.mac(ts, id, ip).ct_eq(&raw[16..])) {
             return NonceState::Forged;
         }
         if ts > now.saturating_add(5) || now - ts.min(now) > self.config.nonce_lifetime_secs {
@@ -271,8 +277,8 @@ impl DigestServer {
     }
 
     /// One `WWW-Authenticate` value per offered algorithm, most preferred first.
-    pub fn challenges(&self, now: u64, stale: bool) -> Vec<String> {
-        let nonce = self.new_nonce(now);
+    pub fn challenges(&self, now: u64, stale: bool, ip: IpAddr) -> Vec<String> {
+        let nonce = self.new_nonce(now, ip);
         self.config
             .algorithms
             .iter()
@@ -296,6 +302,7 @@ impl DigestServer {
         method: &str,
         ha1: Option<&str>,
         now: u64,
+        ip: IpAddr,
     ) -> Verdict {
         use Verdict::Rejected;
         if creds.realm != self.config.realm {
@@ -315,7 +322,7 @@ impl DigestServer {
             }
             _ => return Rejected(RejectReason::QopRequired),
         };
-        let state = self.check_nonce(&creds.nonce, now);
+        let state = self.check_nonce(&creds.nonce, now, ip);
         if state == NonceState::Forged {
             return Rejected(RejectReason::ForgedNonce);
         }
@@ -354,6 +361,13 @@ impl DigestServer {
         if self.used_len.load(Ordering::Relaxed) >= self.config.max_tracked_nonces {
             self.prune(now);
             if self.used_len.load(Ordering::Relaxed) >= self.config.max_tracked_nonces {
+                // Full of live nonces: drop the older half rather than lock every phone out.
+                // Those nonces lose replay protection; they are also the closest to expiry.
+                let cutoff = now.saturating_sub(self.config.nonce_lifetime_secs / 2);
+                self.used.retain(|_, (_, issued)| *issued >= cutoff);
+                self.used_len.store(self.used.len(), Ordering::Relaxed);
+            }
+            if self.used_len.load(Ordering::Relaxed) >= self.config.max_tracked_nonces {
                 return Verdict::Stale;
             }
         }
@@ -388,6 +402,8 @@ impl DigestServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
 
     fn server(algorithms: Vec<Algorithm>) -> DigestServer {
         DigestServer::with_key(
@@ -479,12 +495,12 @@ mod tests {
     #[test]
     fn challenge_offers_sha256_first_with_qop() {
         let s = server(vec![Algorithm::Sha256, Algorithm::Md5]);
-        let ch = s.challenges(1000, false);
+        let ch = s.challenges(1000, false, IP);
         assert_eq!(ch.len(), 2);
         assert!(ch[0].contains("algorithm=SHA-256") && ch[0].contains("qop=\"auth\""));
         assert!(ch[1].contains("algorithm=MD5"));
         assert!(!ch[0].contains("stale"));
-        assert!(s.challenges(1000, true)[0].ends_with("stale=true"));
+        assert!(s.challenges(1000, true, IP)[0].ends_with("stale=true"));
     }
 
     #[test]
@@ -492,15 +508,18 @@ mod tests {
         let s = server(vec![Algorithm::Sha256, Algorithm::Md5]);
         let ha1 = |alg: Algorithm| alg.ha1("101", "pbx.example.com", "pw");
         for alg in [Algorithm::Sha256, Algorithm::Md5] {
-            let nonce = s.new_nonce(1000);
+            let nonce = s.new_nonce(1000, IP);
             let good = answer(&s, alg, "pw", &nonce, 1);
             assert_eq!(
-                s.verify(&good, "REGISTER", Some(&ha1(alg)), 1001),
+                s.verify(&good, "REGISTER", Some(&ha1(alg)), 1001, IP),
                 Verdict::Accepted
             );
             let wrong = answer(&s, alg, "nope", &nonce, 2);
-            let unknown = s.verify(&wrong, "REGISTER", None, 1001);
-            assert_eq!(s.verify(&wrong, "REGISTER", Some(&ha1(alg)), 1001), unknown);
+            let unknown = s.verify(&wrong, "REGISTER", None, 1001, IP);
+            assert_eq!(
+                s.verify(&wrong, "REGISTER", Some(&ha1(alg)), 1001, IP),
+                unknown
+            );
             assert_eq!(unknown, Verdict::Rejected(RejectReason::WrongCredentials));
         }
     }
@@ -509,21 +528,21 @@ mod tests {
     fn expired_nonce_with_right_hash_is_stale() {
         let s = server(vec![Algorithm::Md5]);
         let ha1 = Algorithm::Md5.ha1("101", "pbx.example.com", "pw");
-        let nonce = s.new_nonce(1000);
+        let nonce = s.new_nonce(1000, IP);
         let good = answer(&s, Algorithm::Md5, "pw", &nonce, 1);
         assert_eq!(
-            s.verify(&good, "REGISTER", Some(&ha1), 1300),
+            s.verify(&good, "REGISTER", Some(&ha1), 1300, IP),
             Verdict::Accepted
         );
         let later = answer(&s, Algorithm::Md5, "pw", &nonce, 2);
         assert_eq!(
-            s.verify(&later, "REGISTER", Some(&ha1), 1301),
+            s.verify(&later, "REGISTER", Some(&ha1), 1301, IP),
             Verdict::Stale
         );
         // A wrong password is never "stale": it is refused.
         let wrong = answer(&s, Algorithm::Md5, "x", &nonce, 3);
         assert!(matches!(
-            s.verify(&wrong, "REGISTER", Some(&ha1), 1301),
+            s.verify(&wrong, "REGISTER", Some(&ha1), 1301, IP),
             Verdict::Rejected(_)
         ));
     }
@@ -532,19 +551,19 @@ mod tests {
     fn replayed_nc_is_refused() {
         let s = server(vec![Algorithm::Md5]);
         let ha1 = Algorithm::Md5.ha1("101", "pbx.example.com", "pw");
-        let nonce = s.new_nonce(1000);
+        let nonce = s.new_nonce(1000, IP);
         let first = answer(&s, Algorithm::Md5, "pw", &nonce, 1);
         assert_eq!(
-            s.verify(&first, "REGISTER", Some(&ha1), 1000),
+            s.verify(&first, "REGISTER", Some(&ha1), 1000, IP),
             Verdict::Accepted
         );
         assert_eq!(
-            s.verify(&first, "REGISTER", Some(&ha1), 1000),
+            s.verify(&first, "REGISTER", Some(&ha1), 1000, IP),
             Verdict::Rejected(RejectReason::Replay)
         );
         let next = answer(&s, Algorithm::Md5, "pw", &nonce, 2);
         assert_eq!(
-            s.verify(&next, "REGISTER", Some(&ha1), 1000),
+            s.verify(&next, "REGISTER", Some(&ha1), 1000, IP),
             Verdict::Accepted
         );
     }
@@ -555,21 +574,37 @@ mod tests {
         let ha1 = Algorithm::Md5.ha1("101", "pbx.example.com", "pw");
         let other = server(vec![Algorithm::Md5]);
         let other = DigestServer::with_key(other.config.clone(), [9; 32]);
-        let forged = answer(&s, Algorithm::Md5, "pw", &other.new_nonce(1000), 1);
+        let forged = answer(&s, Algorithm::Md5, "pw", &other.new_nonce(1000, IP), 1);
         assert_eq!(
-            s.verify(&forged, "REGISTER", Some(&ha1), 1000),
+            s.verify(&forged, "REGISTER", Some(&ha1), 1000, IP),
             Verdict::Rejected(RejectReason::ForgedNonce)
         );
-        let mut no_qop = answer(&s, Algorithm::Md5, "pw", &s.new_nonce(1000), 1);
+        let mut no_qop = answer(&s, Algorithm::Md5, "pw", &s.new_nonce(1000, IP), 1);
         no_qop.qop = None;
         assert_eq!(
-            s.verify(&no_qop, "REGISTER", Some(&ha1), 1000),
+            s.verify(&no_qop, "REGISTER", Some(&ha1), 1000, IP),
             Verdict::Rejected(RejectReason::QopRequired)
         );
-        let sha = answer(&s, Algorithm::Sha256, "pw", &s.new_nonce(1000), 1);
+        let sha = answer(&s, Algorithm::Sha256, "pw", &s.new_nonce(1000, IP), 1);
         assert_eq!(
-            s.verify(&sha, "REGISTER", Some(&ha1), 1000),
+            s.verify(&sha, "REGISTER", Some(&ha1), 1000, IP),
             Verdict::Rejected(RejectReason::UnsupportedAlgorithm)
+        );
+    }
+
+    #[test]
+    fn a_nonce_only_works_from_the_address_it_was_sent_to() {
+        let s = server(vec![Algorithm::Md5]);
+        let ha1 = Algorithm::Md5.ha1("101", "pbx.example.com", "pw");
+        let c = answer(&s, Algorithm::Md5, "pw", &s.new_nonce(1000, IP), 1);
+        let elsewhere: IpAddr = "198.51.100.7".parse().unwrap();
+        assert_eq!(
+            s.verify(&c, "REGISTER", Some(&ha1), 1000, elsewhere),
+            Verdict::Rejected(RejectReason::ForgedNonce)
+        );
+        assert_eq!(
+            s.verify(&c, "REGISTER", Some(&ha1), 1000, IP),
+            Verdict::Accepted
         );
     }
 
@@ -578,8 +613,8 @@ mod tests {
         let s = server(vec![Algorithm::Md5]);
         let ha1 = Algorithm::Md5.ha1("101", "pbx.example.com", "pw");
         for i in 0..10 {
-            let c = answer(&s, Algorithm::Md5, "pw", &s.new_nonce(1000), 1);
-            let v = s.verify(&c, "REGISTER", Some(&ha1), 1000);
+            let c = answer(&s, Algorithm::Md5, "pw", &s.new_nonce(1000, IP), 1);
+            let v = s.verify(&c, "REGISTER", Some(&ha1), 1000, IP);
             assert_eq!(
                 v,
                 if i < 4 {

@@ -62,6 +62,8 @@ pub struct EndpointConfig {
     pub tcp_idle_timeout: Duration,
     /// Hard bound on server transactions remembered at once; above it requests get 503.
     pub max_server_transactions: usize,
+    /// Hard bound on the bytes those transactions hold (keys and cached responses).
+    pub max_server_transaction_bytes: usize,
     /// Requested kernel receive and send buffer of each UDP socket; the kernel may cap it
     /// (net.core.rmem_max). A burst larger than the buffer is dropped before we see it.
     pub udp_buffer_bytes: usize,
@@ -76,6 +78,7 @@ impl Default for EndpointConfig {
             max_tcp_connections: 10_000,
             tcp_idle_timeout: Duration::from_secs(3660),
             max_server_transactions: 1_000_000,
+            max_server_transaction_bytes: 256 * 1024 * 1024,
             udp_buffer_bytes: 8 * 1024 * 1024,
         }
     }
@@ -102,7 +105,15 @@ enum TxState {
 
 struct Connection {
     tx: mpsc::Sender<Bytes>,
+    closed: CancellationToken,
 }
+
+/// A stream message must arrive whole within this long once its first byte is in (slowloris).
+const MESSAGE_DEADLINE: Duration = Duration::from_secs(30);
+/// A peer that does not read its responses for this long is disconnected.
+const WRITE_DEADLINE: Duration = Duration::from_secs(30);
+/// Longest Via branch or Call-ID kept as a transaction key.
+const MAX_KEY_FIELD: usize = 256;
 
 struct Inner {
     config: EndpointConfig,
@@ -114,6 +125,7 @@ struct Inner {
     conn_slots: Arc<Semaphore>,
     server_txs: DashMap<Box<str>, TxState>,
     server_tx_count: AtomicUsize,
+    server_tx_bytes: AtomicUsize,
     expiry: Mutex<VecDeque<(Instant, Box<str>)>>,
     client_txs: DashMap<Box<str>, mpsc::Sender<Response>>,
     handler: OnceLock<Arc<dyn Handler>>,
@@ -158,6 +170,7 @@ impl Endpoint {
                 conn_slots: slots,
                 server_txs: DashMap::new(),
                 server_tx_count: AtomicUsize::new(0),
+                server_tx_bytes: AtomicUsize::new(0),
                 expiry: Mutex::new(VecDeque::new()),
                 client_txs: DashMap::new(),
                 handler: OnceLock::new(),
@@ -320,15 +333,29 @@ impl Drop for ServerTx {
     }
 }
 
+fn forget_tx(inner: &Inner, key: &str) {
+    if let Some((key, state)) = inner.server_txs.remove(key) {
+        let held = key.len()
+            + if let TxState::Completed(b) = state {
+                b.len()
+            } else {
+                0
+            };
+        inner.server_tx_count.fetch_sub(1, Ordering::Relaxed);
+        inner.server_tx_bytes.fetch_sub(held, Ordering::Relaxed);
+    }
+}
+
 fn complete(inner: &Inner, key: Box<str>, bytes: Bytes, transport: Transport) {
     if transport.is_reliable() {
         // Timer J is zero on reliable transports: nothing will be retransmitted.
-        if inner.server_txs.remove(&key).is_some() {
-            inner.server_tx_count.fetch_sub(1, Ordering::Relaxed);
-        }
+        forget_tx(inner, &key);
         return;
     }
     if let Some(mut state) = inner.server_txs.get_mut(&key) {
+        inner
+            .server_tx_bytes
+            .fetch_add(bytes.len(), Ordering::Relaxed);
         *state = TxState::Completed(bytes);
     }
     inner
@@ -394,8 +421,15 @@ fn send_nowait(inner: &Arc<Inner>, flow: Flow, bytes: Bytes) {
             }
         }
     } else if let Some(conn) = flow.conn.and_then(|c| inner.conns.get(&c)) {
-        if conn.tx.try_send(bytes.clone()).is_ok() {
-            return;
+        match conn.tx.try_send(bytes.clone()) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // The peer does not read what we send: drop it rather than queue without end.
+                tracing::debug!(remote = %flow.remote, "closing a connection whose peer does not read");
+                conn.closed.cancel();
+                return;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
     let inner = inner.clone();
@@ -575,6 +609,24 @@ fn dispatch(inner: &Arc<Inner>, msg: Message, flow: Flow) {
                 };
                 return refuse(inner, Some(head), ParseError::BadHeader("Via"), flow);
             };
+            let too_long = via.branch().is_some_and(|b| b.len() > MAX_KEY_FIELD)
+                || req.call_id().len() > MAX_KEY_FIELD
+                || via.host.len() > MAX_KEY_FIELD;
+            if too_long {
+                let head = Head {
+                    start: crate::message::StartLine::Request {
+                        method: req.method.clone(),
+                        uri: req.uri.clone(),
+                    },
+                    headers: req.headers,
+                };
+                return refuse(
+                    inner,
+                    Some(head),
+                    ParseError::BadHeader("Via or Call-ID (too long)"),
+                    flow,
+                );
+            }
             via.set_received(flow.remote);
             req.headers.replace_first_list_item("Via", &via.to_string());
             if req.method == Method::Ack {
@@ -591,14 +643,19 @@ fn dispatch(inner: &Arc<Inner>, msg: Message, flow: Flow) {
                     return; // absorbed: the handler already has it
                 }
                 dashmap::Entry::Vacant(v) => {
-                    if inner.server_tx_count.load(Ordering::Relaxed)
+                    let full = inner.server_tx_count.load(Ordering::Relaxed)
                         >= inner.config.max_server_transactions
-                    {
+                        || inner.server_tx_bytes.load(Ordering::Relaxed)
+                            >= inner.config.max_server_transaction_bytes;
+                    if full {
                         drop(v);
                         let resp = Response::to(&req, 503).header("Retry-After", "5");
                         send_nowait(inner, response_destination(&req, &flow), resp.to_bytes());
                         return;
                     }
+                    inner
+                        .server_tx_bytes
+                        .fetch_add(key.len(), Ordering::Relaxed);
                     v.insert(TxState::Proceeding);
                     inner.server_tx_count.fetch_add(1, Ordering::Relaxed);
                 }
@@ -635,9 +692,7 @@ async fn expiry_loop(inner: Arc<Inner>) {
                 }
             };
             let Some((_, key)) = expired else { break };
-            if inner.server_txs.remove(&key).is_some() {
-                inner.server_tx_count.fetch_sub(1, Ordering::Relaxed);
-            }
+            forget_tx(&inner, &key);
         }
         // After a burst the tables keep their peak capacity; give it back once mostly empty.
         let capacity = inner.server_txs.capacity();
@@ -684,17 +739,26 @@ fn run_connection(
 ) -> mpsc::Sender<Bytes> {
     let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
     let (tx, mut rx) = mpsc::channel::<Bytes>(256);
-    inner.conns.insert(id, Connection { tx: tx.clone() });
+    let closed = CancellationToken::new();
+    inner.conns.insert(
+        id,
+        Connection {
+            tx: tx.clone(),
+            closed: closed.clone(),
+        },
+    );
     inner.conn_by_remote.insert(remote, id);
     let (mut reader, mut writer) = stream.into_split();
-    let closed = CancellationToken::new();
     let writer_closed = closed.clone();
     let writer_cancel = inner.cancel.clone();
     tokio::spawn(async move {
         loop {
             tokio::select! {
                 msg = rx.recv() => match msg {
-                    Some(bytes) => if writer.write_all(&bytes).await.is_err() { break },
+                    Some(bytes) => {
+                        let written = tokio::time::timeout(WRITE_DEADLINE, writer.write_all(&bytes)).await;
+                        if !matches!(written, Ok(Ok(()))) { break }
+                    }
                     None => break,
                 },
                 _ = writer_closed.cancelled() => break,
@@ -716,9 +780,14 @@ fn run_connection(
         let inner = reader_inner;
         let mut decoder = StreamDecoder::new(inner.config.max_body);
         let mut chunk = vec![0u8; 16 * 1024];
+        let mut partial_since: Option<Instant> = None;
         'conn: loop {
+            let wait = match partial_since {
+                Some(t) => MESSAGE_DEADLINE.saturating_sub(t.elapsed()),
+                None => inner.config.tcp_idle_timeout,
+            };
             let n = tokio::select! {
-                r = tokio::time::timeout(inner.config.tcp_idle_timeout, reader.read(&mut chunk)) => match r {
+                r = tokio::time::timeout(wait, reader.read(&mut chunk)) => match r {
                     Ok(Ok(n)) if n > 0 => n,
                     _ => break,
                 },
@@ -743,6 +812,11 @@ fn run_connection(
                     }
                 }
             }
+            partial_since = match (decoder.buf.is_empty(), partial_since) {
+                (true, _) => None,
+                (false, None) => Some(Instant::now()),
+                (false, since) => since,
+            };
         }
         closed.cancel();
         inner.conns.remove(&id);

@@ -3,6 +3,7 @@
 use dashmap::DashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -27,6 +28,20 @@ pub struct AuthGuard {
     config: GuardConfig,
     entries: DashMap<IpAddr, Entry>,
     len: AtomicUsize,
+    last_prune: Mutex<Option<Instant>>,
+}
+
+/// IPv6 hosts are counted per /64: one subscriber usually holds a whole /64, and tracking single
+/// addresses would let one host rotate through it.
+fn bucket(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => {
+            let mut o = v6.octets();
+            o[8..].fill(0);
+            IpAddr::from(o)
+        }
+    }
 }
 
 impl AuthGuard {
@@ -35,10 +50,12 @@ impl AuthGuard {
             config,
             entries: DashMap::new(),
             len: AtomicUsize::new(0),
+            last_prune: Mutex::new(None),
         }
     }
 
     pub fn is_blocked(&self, ip: IpAddr, now: Instant) -> bool {
+        let ip = bucket(ip);
         self.entries
             .get(&ip)
             .and_then(|e| e.blocked_until)
@@ -47,10 +64,23 @@ impl AuthGuard {
 
     /// Counts a failed authentication; returns true when this failure starts a block.
     pub fn record_failure(&self, ip: IpAddr, now: Instant) -> bool {
+        let ip = bucket(ip);
         if !self.entries.contains_key(&ip)
             && self.len.load(Ordering::Relaxed) >= self.config.max_tracked
         {
-            self.prune(now);
+            // A full table is pruned at most once a second, so a flood cannot make every
+            // failure scan it.
+            let due = {
+                let mut last = self.last_prune.lock().expect("prune lock");
+                let due = last.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+                if due {
+                    *last = Some(now);
+                }
+                due
+            };
+            if due {
+                self.prune(now);
+            }
             if self.len.load(Ordering::Relaxed) >= self.config.max_tracked {
                 return false;
             }
@@ -85,7 +115,7 @@ impl AuthGuard {
 
     /// A success clears the count, so a phone that mistyped once is not punished later.
     pub fn record_success(&self, ip: IpAddr) {
-        if self.entries.remove(&ip).is_some() {
+        if self.entries.remove(&bucket(ip)).is_some() {
             self.len.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -141,6 +171,17 @@ mod tests {
             tokio::time::advance(Duration::from_secs(61)).await;
         }
         assert!(!g.is_blocked(ip, Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ipv6_is_counted_per_64() {
+        let g = guard(10);
+        for i in 1..=3u16 {
+            let ip = IpAddr::from([0x2001, 0xdb8, 0, 1, 0, 0, 0, i]);
+            g.record_failure(ip, Instant::now());
+        }
+        assert!(g.is_blocked("2001:db8:0:1::ffff".parse().unwrap(), Instant::now()));
+        assert!(!g.is_blocked("2001:db8:0:2::1".parse().unwrap(), Instant::now()));
     }
 
     #[tokio::test(start_paused = true)]

@@ -114,7 +114,11 @@ pub fn parse_register(req: &Request) -> Result<(ContactSet, Option<u32>), Regist
     for item in items {
         let na =
             NameAddr::parse(item).ok_or(RegisterError::BadRequest("malformed Contact header"))?;
-        if crate::uri::SipUri::parse(&na.uri).is_none() {
+        let scheme = crate::uri::SipUri::parse(&na.uri).map(|u| u.scheme);
+        if !matches!(
+            scheme,
+            Some(crate::uri::Scheme::Sip | crate::uri::Scheme::Sips)
+        ) {
             return Err(RegisterError::BadRequest(
                 "Contact is not a sip: or sips: URI",
             ));
@@ -401,6 +405,7 @@ mod tests {
         assert!(parse_register(&register_req("Contact: *\r\n")).is_err());
         assert!(parse_register(&register_req("Contact: <sip:a@b>\r\nExpires: soon\r\n")).is_err());
         assert!(parse_register(&register_req("Contact: <http://a>\r\n")).is_err());
+        assert!(parse_register(&register_req("Contact: <tel:+15551234567>\r\n")).is_err());
     }
 
     #[tokio::test(start_paused = true)]

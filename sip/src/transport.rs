@@ -104,7 +104,7 @@ impl StreamDecoder {
             Err(e) => return Err((Some(head), e)),
         };
         if self.buf.len() < end + len {
-            self.buf.reserve(end + len - self.buf.len());
+            // Nothing is reserved ahead: a peer announcing a large body must actually send it.
             return Ok(None);
         }
         self.buf.advance(end);

@@ -20,9 +20,9 @@ const MIGRATIONS: &[&str] = &[
         call_id     TEXT NOT NULL,
         cseq        INTEGER NOT NULL,
         instance    TEXT,
-        reg_id      INTEGER,
-        PRIMARY KEY (aor, contact)
+        reg_id      INTEGER
     );
+    CREATE INDEX bindings_aor ON bindings (aor);
     CREATE INDEX bindings_expiry ON bindings (expires_at);",
 ];
 
@@ -254,6 +254,24 @@ mod tests {
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
         assert_eq!(version, MIGRATIONS.len());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn one_contact_with_two_reg_ids_is_two_rows() {
+        // RFC 5626: the same Contact over two flows (reg-id 1 and 2) is two bindings.
+        let dir = temp_dir();
+        let store = SqliteStore::open(&dir).await.unwrap();
+        let mut second = binding("101", "sip:a", 2000);
+        second.reg_id = Some(2);
+        store
+            .replace_bindings(vec![(
+                "101".into(),
+                vec![binding("101", "sip:a", 2000), second],
+            )])
+            .await
+            .unwrap();
+        assert_eq!(store.load_bindings(1000).await.unwrap().len(), 2);
         let _ = std::fs::remove_dir_all(dir);
     }
 
