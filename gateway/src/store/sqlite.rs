@@ -1,11 +1,22 @@
 //! Embedded SQLite (WAL). One dedicated thread owns the connection, so blocking database work
 //! never runs on the async runtime's workers; callers queue jobs on a bounded channel.
+//!
+//! Group commit: the thread takes every job that is waiting (up to a batch), runs each inside its
+//! own savepoint of one transaction, commits once, and only then answers the callers. A caller
+//! that got `Ok` knows its write is on disk; a thousand concurrent writers cost one fsync.
 
-use super::{Store, StoreError, StoredBinding};
-use rusqlite::{params, Connection, OptionalExtension};
+use super::{
+    Direction, Kind, Message, MessageFilter, NewMessage, Recorded, Store, StoreError,
+    StoredBinding, Update,
+};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+use smsgw_rules::MessageStatus;
 use smsgw_sip::Transport;
 use std::path::Path;
 use tokio::sync::{mpsc, oneshot};
+
+/// Most jobs committed together.
+const BATCH: usize = 512;
 
 /// Versioned schema changes, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -24,9 +35,136 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX bindings_aor ON bindings (aor);
     CREATE INDEX bindings_expiry ON bindings (expires_at);",
+    // 2: messages (outbox, inbox and history), opt-outs, webhook tokens, seen webhooks, media
+    "CREATE TABLE messages (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        direction       TEXT NOT NULL,
+        kind            TEXT NOT NULL,
+        sms_config      TEXT NOT NULL,
+        extension       TEXT,
+        trunk           TEXT,
+        remote          TEXT NOT NULL,
+        sender          TEXT NOT NULL,
+        body            TEXT NOT NULL,
+        media           TEXT NOT NULL,
+        twilio_sid      TEXT,
+        status          TEXT NOT NULL,
+        error_code      INTEGER,
+        error_message   TEXT,
+        segments        INTEGER NOT NULL,
+        created_at      INTEGER NOT NULL,
+        updated_at      INTEGER NOT NULL,
+        attempts        INTEGER NOT NULL,
+        next_attempt_at INTEGER,
+        expires_at      INTEGER,
+        in_doubt        INTEGER NOT NULL,
+        meta            TEXT NOT NULL
+    );
+    CREATE INDEX messages_queue ON messages (direction, next_attempt_at) WHERE next_attempt_at IS NOT NULL;
+    CREATE INDEX messages_sid ON messages (twilio_sid) WHERE twilio_sid IS NOT NULL;
+    CREATE INDEX messages_remote ON messages (remote, direction, created_at);
+    CREATE INDEX messages_extension ON messages (extension, created_at);
+    CREATE TABLE opt_outs (
+        remote     TEXT NOT NULL,
+        sender     TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (remote, sender)
+    );
+    CREATE TABLE webhook_tokens (
+        sms_config TEXT PRIMARY KEY,
+        token      TEXT NOT NULL UNIQUE,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE seen_webhooks (
+        key         TEXT PRIMARY KEY,
+        received_at INTEGER NOT NULL
+    );
+    CREATE TABLE media (
+        token        TEXT PRIMARY KEY,
+        content_type TEXT NOT NULL,
+        data         BLOB NOT NULL,
+        expires_at   INTEGER NOT NULL
+    );",
 ];
 
-type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+const MESSAGE_COLUMNS: &str =
+    "id, direction, kind, sms_config, extension, trunk, remote, sender, body, media, \
+     twilio_sid, status, error_code, error_message, segments, created_at, updated_at, attempts, \
+     next_attempt_at, expires_at, in_doubt, meta";
+
+fn message_from_row(r: &Row<'_>) -> rusqlite::Result<Message> {
+    let bad = |i: usize, what: &str| {
+        rusqlite::Error::FromSqlConversionFailure(
+            i,
+            rusqlite::types::Type::Text,
+            what.to_string().into(),
+        )
+    };
+    let direction = match r.get::<_, String>(1)?.as_str() {
+        "outbound" => Direction::Outbound,
+        "inbound" => Direction::Inbound,
+        _ => return Err(bad(1, "direction")),
+    };
+    let media: String = r.get(9)?;
+    let meta: String = r.get(21)?;
+    Ok(Message {
+        id: r.get(0)?,
+        direction,
+        kind: Kind::parse(&r.get::<_, String>(2)?).ok_or_else(|| bad(2, "kind"))?,
+        sms_config: r.get(3)?,
+        extension: r.get(4)?,
+        trunk: r.get(5)?,
+        remote: r.get(6)?,
+        sender: r.get(7)?,
+        body: r.get(8)?,
+        media: serde_json::from_str(&media).map_err(|_| bad(9, "media"))?,
+        twilio_sid: r.get(10)?,
+        status: MessageStatus::parse(&r.get::<_, String>(11)?).ok_or_else(|| bad(11, "status"))?,
+        error_code: r.get(12)?,
+        error_message: r.get(13)?,
+        segments: r.get(14)?,
+        created_at: r.get(15)?,
+        updated_at: r.get(16)?,
+        attempts: r.get(17)?,
+        next_attempt_at: r.get(18)?,
+        expires_at: r.get(19)?,
+        in_doubt: r.get(20)?,
+        meta: serde_json::from_str(&meta).map_err(|_| bad(21, "meta"))?,
+    })
+}
+
+fn insert_message(conn: &Connection, m: &NewMessage) -> rusqlite::Result<i64> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO messages (direction, kind, sms_config, extension, trunk, remote, sender, body, media, twilio_sid,
+             status, segments, created_at, updated_at, attempts, next_attempt_at, expires_at, in_doubt, meta)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, ?14, ?15, ?16, ?17, ?18)",
+    )?;
+    stmt.execute(params![
+        m.direction.as_str(),
+        m.kind.as_str(),
+        m.sms_config,
+        m.extension,
+        m.trunk,
+        m.remote,
+        m.sender,
+        m.body,
+        serde_json::to_string(&m.media).unwrap_or_else(|_| "[]".into()),
+        m.twilio_sid,
+        m.status.as_str(),
+        m.segments,
+        m.now,
+        m.attempts,
+        m.next_attempt_at,
+        m.expires_at,
+        m.in_doubt,
+        m.meta.to_string(),
+    ])?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Runs inside the batch transaction; returns what to do once the commit's outcome is known.
+type Job = Box<dyn FnOnce(&Connection) -> Reply + Send>;
+type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -44,27 +182,76 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("smsgw-sqlite".into())
             .spawn(move || {
-                let mut conn = conn;
-                while let Some(job) = rx.blocking_recv() {
-                    job(&mut conn);
+                let conn = conn;
+                let mut batch = Vec::with_capacity(BATCH);
+                while let Some(first) = rx.blocking_recv() {
+                    batch.push(first);
+                    while batch.len() < BATCH {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    run_batch(&conn, &mut batch);
                 }
             })
             .map_err(|e| StoreError::Corrupt(format!("cannot start the database thread: {e}")))?;
         Ok(Self { jobs })
     }
 
+    /// Runs `f` in its own savepoint of the next batch; resolves after the batch committed.
     async fn run<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.jobs
-            .send(Box::new(move |conn| {
-                let _ = tx.send(f(conn));
+            .send(Box::new(move |conn: &Connection| -> Reply {
+                let result = savepoint(conn, f);
+                Box::new(move |commit: Result<(), String>| {
+                    let _ = tx.send(commit.map_err(StoreError::Commit).and(result));
+                })
             }))
             .await
             .map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+/// A job's writes stand or fall together, without failing the rest of the batch.
+fn savepoint<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.execute_batch("SAVEPOINT job")?;
+    match f(conn) {
+        Ok(v) => {
+            conn.execute_batch("RELEASE job")?;
+            Ok(v)
+        }
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK TO job; RELEASE job");
+            Err(e)
+        }
+    }
+}
+
+fn run_batch(conn: &Connection, batch: &mut Vec<Job>) {
+    let begun = conn
+        .execute_batch("BEGIN IMMEDIATE")
+        .map_err(|e| e.to_string());
+    let replies: Vec<Reply> = batch.drain(..).map(|job| job(conn)).collect();
+    let outcome = begun.and_then(|_| {
+        conn.execute_batch("COMMIT").map_err(|e| {
+            let _ = conn.execute_batch("ROLLBACK");
+            e.to_string()
+        })
+    });
+    if let Err(e) = &outcome {
+        tracing::error!(error = %e, "database commit failed");
+    }
+    for reply in replies {
+        reply(outcome.clone());
     }
 }
 
@@ -119,10 +306,9 @@ impl Store for SqliteStore {
         batch: Vec<(String, Vec<StoredBinding>)>,
     ) -> Result<(), StoreError> {
         self.run(move |conn| {
-            let tx = conn.transaction()?;
             {
-                let mut delete = tx.prepare_cached("DELETE FROM bindings WHERE aor = ?1")?;
-                let mut insert = tx.prepare_cached(
+                let mut delete = conn.prepare_cached("DELETE FROM bindings WHERE aor = ?1")?;
+                let mut insert = conn.prepare_cached(
                     "INSERT INTO bindings (aor, contact, transport, local_addr, remote_addr, expires_at, call_id, cseq, instance, reg_id)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 )?;
@@ -144,7 +330,6 @@ impl Store for SqliteStore {
                     }
                 }
             }
-            tx.commit()?;
             Ok(())
         })
         .await
@@ -200,6 +385,354 @@ impl Store for SqliteStore {
         })
         .await
     }
+
+    async fn insert_messages(&self, messages: Vec<NewMessage>) -> Result<Vec<i64>, StoreError> {
+        self.run(move |conn| {
+            let mut ids = Vec::with_capacity(messages.len());
+            for m in &messages {
+                ids.push(insert_message(conn, m)?);
+            }
+            Ok(ids)
+        })
+        .await
+    }
+
+    async fn record_inbound(
+        &self,
+        dedupe_keys: Vec<String>,
+        messages: Vec<NewMessage>,
+    ) -> Result<Recorded, StoreError> {
+        self.run(move |conn| {
+            let now = messages.first().map_or(0, |m| m.now);
+            let mut seen = conn.prepare_cached(
+                "INSERT OR IGNORE INTO seen_webhooks (key, received_at) VALUES (?1, ?2)",
+            )?;
+            for key in &dedupe_keys {
+                if seen.execute(params![key, now])? == 0 {
+                    // Seen before: undo any key recorded above (the savepoint rolls back).
+                    return Err(StoreError::Duplicate);
+                }
+            }
+            let mut ids = Vec::with_capacity(messages.len());
+            for m in &messages {
+                ids.push(insert_message(conn, m)?);
+            }
+            Ok(Recorded::New(ids))
+        })
+        .await
+        .or_else(|e| match e {
+            StoreError::Duplicate => Ok(Recorded::Duplicate),
+            e => Err(e),
+        })
+    }
+
+    async fn update_message(&self, id: i64, update: Update, now: i64) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            apply_update(conn, id, &update, now)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn advance_by_sid(
+        &self,
+        sid: String,
+        status: MessageStatus,
+        error: (Option<i64>, Option<String>),
+        now: i64,
+    ) -> Result<Option<Message>, StoreError> {
+        self.run(move |conn| {
+            let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE twilio_sid = ?1 AND direction = 'outbound'");
+            let Some(current) = conn.query_row(&sql, [&sid], message_from_row).optional()? else {
+                return Ok(None);
+            };
+            if !current.status.can_become(status) {
+                return Ok(None);
+            }
+            let update = Update {
+                status: Some(status),
+                error: (error.0.is_some() || error.1.is_some()).then_some(error),
+                ..Update::default()
+            };
+            apply_update(conn, current.id, &update, now)?;
+            Ok(conn
+                .query_row(&format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1"), [current.id], message_from_row)
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn claim_outbound(
+        &self,
+        now: i64,
+        lease_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.run(move |conn| {
+            let sql = format!(
+                "UPDATE messages SET next_attempt_at = ?1, attempts = attempts + 1, in_doubt = 1, updated_at = ?2
+                 WHERE id IN (SELECT id FROM messages WHERE direction = 'outbound' AND next_attempt_at <= ?2
+                              ORDER BY next_attempt_at, id LIMIT ?3)
+                 RETURNING {MESSAGE_COLUMNS}"
+            );
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params![now + lease_ms, now, limit], message_from_row)?;
+            let mut out = rows.collect::<Result<Vec<_>, _>>()?;
+            out.sort_by_key(|m| m.id);
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn pending_inbound(
+        &self,
+        extension: Option<String>,
+        trunk: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        self.run(move |conn| {
+            let sql = format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages
+                 WHERE direction = 'inbound' AND next_attempt_at IS NOT NULL
+                   AND extension IS ?1 AND trunk IS ?2
+                 ORDER BY id LIMIT ?3"
+            );
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query_map(params![extension, trunk, limit], message_from_row)?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn due_inbound_owners(
+        &self,
+        now: i64,
+    ) -> Result<Vec<(Option<String>, Option<String>)>, StoreError> {
+        self.run(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT DISTINCT extension, trunk FROM messages
+                 WHERE direction = 'inbound' AND next_attempt_at IS NOT NULL AND next_attempt_at <= ?1",
+            )?;
+            let rows = stmt.query_map([now], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn message(&self, id: i64) -> Result<Option<Message>, StoreError> {
+        self.run(move |conn| {
+            let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1");
+            Ok(conn.query_row(&sql, [id], message_from_row).optional()?)
+        })
+        .await
+    }
+
+    async fn list_messages(&self, f: MessageFilter) -> Result<Vec<Message>, StoreError> {
+        self.run(move |conn| {
+            let sql = format!(
+                "SELECT {MESSAGE_COLUMNS} FROM messages
+                 WHERE (?1 IS NULL OR direction = ?1) AND (?2 IS NULL OR extension = ?2)
+                   AND (?3 IS NULL OR remote = ?3 OR sender = ?3) AND (?4 IS NULL OR status = ?4)
+                   AND (?5 IS NULL OR created_at >= ?5) AND (?6 IS NULL OR created_at < ?6)
+                   AND (?7 IS NULL OR id < ?7)
+                 ORDER BY id DESC LIMIT ?8"
+            );
+            let mut stmt = conn.prepare_cached(&sql)?;
+            let rows = stmt.query_map(
+                params![
+                    f.direction.map(Direction::as_str),
+                    f.extension,
+                    f.number,
+                    f.status.map(MessageStatus::as_str),
+                    f.since,
+                    f.until,
+                    f.before_id,
+                    f.limit
+                ],
+                message_from_row,
+            )?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn last_inbound_did(
+        &self,
+        remote: String,
+        dids: Vec<String>,
+        since: i64,
+    ) -> Result<Option<String>, StoreError> {
+        self.run(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT sender FROM messages WHERE remote = ?1 AND direction = 'inbound' AND created_at >= ?2
+                 ORDER BY id DESC LIMIT 50",
+            )?;
+            let rows = stmt.query_map(params![remote, since], |r| r.get::<_, String>(0))?;
+            for did in rows {
+                let did = did?;
+                if dids.contains(&did) {
+                    return Ok(Some(did));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    async fn set_opt_out(
+        &self,
+        remote: String,
+        sender: String,
+        opted_out: bool,
+        now: i64,
+    ) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            if opted_out {
+                conn.prepare_cached("INSERT OR IGNORE INTO opt_outs (remote, sender, created_at) VALUES (?1, ?2, ?3)")?
+                    .execute(params![remote, sender, now])?;
+            } else {
+                conn.prepare_cached("DELETE FROM opt_outs WHERE remote = ?1 AND sender = ?2")?
+                    .execute(params![remote, sender])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn is_opted_out(&self, remote: String, sender: String) -> Result<bool, StoreError> {
+        self.run(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT 1 FROM opt_outs WHERE remote = ?1 AND sender = ?2")?
+                .exists(params![remote, sender])?)
+        })
+        .await
+    }
+
+    async fn webhook_token(
+        &self,
+        sms_config: String,
+        rotate: bool,
+        now: i64,
+    ) -> Result<String, StoreError> {
+        self.run(move |conn| {
+            if !rotate {
+                let existing = conn
+                    .query_row("SELECT token FROM webhook_tokens WHERE sms_config = ?1", [&sms_config], |r| r.get(0))
+                    .optional()?;
+                if let Some(token) = existing {
+                    return Ok(token);
+                }
+            }
+            let token = new_token();
+            conn.execute(
+                "INSERT INTO webhook_tokens (sms_config, token, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (sms_config) DO UPDATE SET token = excluded.token, created_at = excluded.created_at",
+                params![sms_config, token, now],
+            )?;
+            Ok(token)
+        })
+        .await
+    }
+
+    async fn put_media(
+        &self,
+        token: String,
+        content_type: String,
+        data: Vec<u8>,
+        expires_at: i64,
+    ) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO media (token, content_type, data, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![token, content_type, data, expires_at])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn media(
+        &self,
+        token: String,
+        now: i64,
+    ) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+        self.run(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT content_type, data FROM media WHERE token = ?1 AND expires_at > ?2",
+                )?
+                .query_row(params![token, now], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn prune(&self, now: i64, seen_before: i64) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            conn.execute("DELETE FROM media WHERE expires_at <= ?1", [now])?;
+            conn.execute(
+                "DELETE FROM seen_webhooks WHERE received_at < ?1",
+                [seen_before],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn count_outbound_since(&self, extension: String, since: i64) -> Result<u64, StoreError> {
+        self.run(move |conn| {
+            Ok(conn.query_row(
+                "SELECT COUNT(*) FROM messages WHERE direction = 'outbound' AND kind = 'sms' AND extension = ?1 AND created_at >= ?2",
+                params![extension, since],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    }
+}
+
+/// 128 random bits, URL-safe: webhook tokens and media tokens.
+pub fn new_token() -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 16]>())
+}
+
+fn apply_update(conn: &Connection, id: i64, u: &Update, now: i64) -> rusqlite::Result<usize> {
+    let (set_error, code, message) = match &u.error {
+        Some((c, m)) => (true, *c, m.clone()),
+        None => (false, None, None),
+    };
+    let (set_next, next) = match u.next_attempt_at {
+        Some(n) => (true, n),
+        None => (false, None),
+    };
+    conn.prepare_cached(
+        "UPDATE messages SET
+            status = COALESCE(?2, status),
+            twilio_sid = COALESCE(?3, twilio_sid),
+            error_code = CASE WHEN ?4 THEN ?5 ELSE error_code END,
+            error_message = CASE WHEN ?4 THEN ?6 ELSE error_message END,
+            next_attempt_at = CASE WHEN ?7 THEN ?8 ELSE next_attempt_at END,
+            in_doubt = COALESCE(?9, in_doubt),
+            meta = COALESCE(?10, meta),
+            sender = COALESCE(?11, sender),
+            updated_at = ?12
+         WHERE id = ?1",
+    )?
+    .execute(params![
+        id,
+        u.status.map(MessageStatus::as_str),
+        u.twilio_sid,
+        set_error,
+        code,
+        message,
+        set_next,
+        next,
+        u.in_doubt,
+        u.meta.as_ref().map(|m| m.to_string()),
+        u.sender,
+        now,
+    ])
 }
 
 #[cfg(test)]
@@ -272,6 +805,145 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.load_bindings(1000).await.unwrap().len(), 2);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    fn outbound(now: i64) -> NewMessage {
+        NewMessage {
+            direction: Direction::Outbound,
+            kind: Kind::Sms,
+            sms_config: "main".into(),
+            extension: Some("101".into()),
+            trunk: None,
+            remote: "+15551234567".into(),
+            sender: "+15017122661".into(),
+            body: "hi".into(),
+            media: vec![],
+            twilio_sid: None,
+            status: MessageStatus::Stored,
+            segments: 1,
+            now,
+            attempts: 0,
+            next_attempt_at: Some(now),
+            expires_at: Some(now + 36_000_000),
+            in_doubt: false,
+            meta: serde_json::json!({}),
+        }
+    }
+
+    #[tokio::test]
+    async fn outbox_claim_update_and_forward_only_status() {
+        let dir = temp_dir();
+        let store = SqliteStore::open(&dir).await.unwrap();
+        let ids = store
+            .insert_messages(vec![outbound(1000), outbound(1001)])
+            .await
+            .unwrap();
+        assert_eq!(ids.len(), 2);
+        // Claimed once: the lease hides them from a second claim.
+        let claimed = store.claim_outbound(2000, 60_000, 10).await.unwrap();
+        assert_eq!(claimed.iter().map(|m| m.id).collect::<Vec<_>>(), ids);
+        assert!(claimed.iter().all(|m| m.in_doubt && m.attempts == 1));
+        assert!(store
+            .claim_outbound(2001, 60_000, 10)
+            .await
+            .unwrap()
+            .is_empty());
+        let update = Update {
+            status: Some(MessageStatus::Queued),
+            twilio_sid: Some("SM1".into()),
+            next_attempt_at: Some(None),
+            in_doubt: Some(false),
+            ..Update::default()
+        };
+        store.update_message(ids[0], update, 2002).await.unwrap();
+        let delivered = store
+            .advance_by_sid("SM1".into(), MessageStatus::Delivered, (None, None), 2003)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(delivered.status, MessageStatus::Delivered);
+        assert!(!delivered.in_doubt && delivered.next_attempt_at.is_none());
+        // A late "sent" never moves it back.
+        let late = store
+            .advance_by_sid("SM1".into(), MessageStatus::Sent, (None, None), 2004)
+            .await
+            .unwrap();
+        assert!(late.is_none());
+        assert_eq!(
+            store.message(ids[0]).await.unwrap().unwrap().status,
+            MessageStatus::Delivered
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn inbound_webhooks_are_recorded_once() {
+        let dir = temp_dir();
+        let store = SqliteStore::open(&dir).await.unwrap();
+        let mut m = outbound(1000);
+        m.direction = Direction::Inbound;
+        let first = store
+            .record_inbound(vec!["SM9".into()], vec![m.clone()])
+            .await
+            .unwrap();
+        assert!(matches!(first, Recorded::New(ref ids) if ids.len() == 1));
+        let again = store
+            .record_inbound(vec!["SM9".into()], vec![m.clone()])
+            .await
+            .unwrap();
+        assert_eq!(again, Recorded::Duplicate);
+        // A new sid with an old idempotency token is a duplicate too, and records nothing.
+        let token = store
+            .record_inbound(vec!["SM10".into(), "tok".into()], vec![m.clone()])
+            .await
+            .unwrap();
+        assert!(matches!(token, Recorded::New(_)));
+        let replay = store
+            .record_inbound(vec!["SM11".into(), "tok".into()], vec![m])
+            .await
+            .unwrap();
+        assert_eq!(replay, Recorded::Duplicate);
+        let all = store
+            .list_messages(MessageFilter {
+                limit: 10,
+                ..MessageFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 2);
+        assert!(
+            store
+                .record_inbound(vec!["SM11".into()], vec![])
+                .await
+                .is_ok(),
+            "SM11 was rolled back"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn many_concurrent_writers_share_commits() {
+        let dir = temp_dir();
+        let store = SqliteStore::open(&dir).await.unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..500 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store.insert_messages(vec![outbound(i)]).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let all = store
+            .list_messages(MessageFilter {
+                limit: 1000,
+                ..MessageFilter::default()
+            })
+            .await
+            .unwrap();
+        assert_eq!(all.len(), 500);
         let _ = std::fs::remove_dir_all(dir);
     }
 
