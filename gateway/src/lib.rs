@@ -15,3 +15,4 @@ pub mod http;
 pub mod metrics;
 pub mod registration;
 pub mod store;
+pub mod twilio;
