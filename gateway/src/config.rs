@@ -80,6 +80,91 @@ struct RawConfig {
     trunks: Vec<RawTrunk>,
     #[serde(default)]
     sms: Vec<RawSms>,
+    #[serde(default)]
+    messaging: RawMessaging,
+    #[serde(default)]
+    outbound_rules: Vec<RawOutboundRule>,
+    #[serde(default)]
+    inbound_rules: Vec<RawInboundRule>,
+    #[serde(default)]
+    simulator: Option<RawSimulator>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(default)]
+struct RawMessaging {
+    answer: String,
+    answer_window_ms: u64,
+    long_body: String,
+    max_media_bytes: usize,
+    media_ttl_secs: u64,
+    inbox_ttl_secs: u64,
+    inbox_retry_secs: u64,
+    max_pending_per_extension: u64,
+    reply_window_days: u64,
+    rate_per_minute: u32,
+    daily_quota: u32,
+    max_in_flight: usize,
+    retry_max_secs: u64,
+}
+
+impl Default for RawMessaging {
+    fn default() -> Self {
+        Self {
+            answer: "after_twilio".into(),
+            answer_window_ms: 4000,
+            long_body: "split".into(),
+            max_media_bytes: 5 * 1024 * 1024,
+            media_ttl_secs: 7 * 86_400,
+            inbox_ttl_secs: 7 * 86_400,
+            inbox_retry_secs: 60,
+            max_pending_per_extension: 1000,
+            reply_window_days: 30,
+            rate_per_minute: 60,
+            daily_quota: 1000,
+            max_in_flight: 10_000,
+            retry_max_secs: 300,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct RawOutboundRule {
+    name: String,
+    #[serde(default)]
+    from: Vec<String>,
+    to: String,
+    rewrite: String,
+    sms: String,
+    #[serde(default = "default_sender")]
+    sender: String,
+}
+
+fn default_sender() -> String {
+    "extension".into()
+}
+
+#[derive(Debug, Deserialize)]
+struct RawInboundRule {
+    name: String,
+    #[serde(default)]
+    did: Vec<String>,
+    #[serde(default)]
+    from: String,
+    #[serde(default)]
+    sms: String,
+    to: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawSimulator {
+    listen: String,
+    #[serde(default = "default_callback_delay")]
+    callback_delay_ms: u64,
+}
+
+fn default_callback_delay() -> u64 {
+    200
 }
 
 #[derive(Debug, Deserialize)]
@@ -89,6 +174,12 @@ struct RawGateway {
     data_dir: String,
     #[serde(default = "default_grace")]
     shutdown_grace_secs: u64,
+    #[serde(default = "default_system_sender")]
+    system_sender: String,
+}
+
+fn default_system_sender() -> String {
+    "smsgw".into()
 }
 
 fn default_grace() -> u64 {
@@ -164,6 +255,12 @@ struct RawExtension {
     name: String,
     #[serde(default)]
     dids: Vec<String>,
+    #[serde(default)]
+    answer: Option<String>,
+    #[serde(default)]
+    rate_per_minute: Option<u32>,
+    #[serde(default)]
+    daily_quota: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +269,8 @@ struct RawTrunk {
     #[serde(default)]
     allow: Vec<String>,
     uri: String,
+    #[serde(default)]
+    answer: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,6 +293,24 @@ struct RawSms {
     allowed_countries: Vec<String>,
     #[serde(default = "default_api_base")]
     api_base: String,
+    #[serde(default = "default_mps")]
+    messages_per_second: f64,
+    #[serde(default)]
+    validity_period: Option<u32>,
+    #[serde(default)]
+    provide_feedback: bool,
+    #[serde(default)]
+    application_sid: String,
+    #[serde(default)]
+    smart_encoded: bool,
+    #[serde(default)]
+    shorten_urls: bool,
+    #[serde(default)]
+    help_reply: String,
+}
+
+fn default_mps() -> f64 {
+    1.0
 }
 
 fn default_api_base() -> String {
@@ -211,7 +328,57 @@ pub struct Settings {
     pub extensions: Vec<Extension>,
     pub trunks: Vec<Trunk>,
     pub sms: Vec<SmsConfig>,
+    pub messaging: MessagingSettings,
+    pub outbound_rules: Vec<OutboundRule>,
+    pub inbound_rules: Vec<InboundRule>,
+    pub simulator: Option<SimulatorSettings>,
 }
+
+/// When a MESSAGE from a phone or trunk is answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnswerMode {
+    /// 202 as soon as the message is committed to the outbox.
+    OnStore,
+    /// After Twilio's answer, within `answer_window` (then 202 and the outbox carries on).
+    AfterTwilio,
+}
+
+impl AnswerMode {
+    fn parse(value: &str) -> Result<Self, String> {
+        match value {
+            "on_store" => Ok(Self::OnStore),
+            "after_twilio" => Ok(Self::AfterTwilio),
+            other => Err(format!("{other:?} is not \"on_store\" or \"after_twilio\"")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MessagingSettings {
+    pub answer: AnswerMode,
+    pub answer_window: std::time::Duration,
+    /// Split bodies over 1600 characters (true) or refuse them with 413.
+    pub split_long_bodies: bool,
+    pub max_media_bytes: usize,
+    pub media_ttl_secs: u64,
+    pub inbox_ttl_secs: u64,
+    pub inbox_retry_secs: u64,
+    pub max_pending_per_extension: u64,
+    pub reply_window_days: u64,
+    pub rate_per_minute: u32,
+    pub daily_quota: u32,
+    pub max_in_flight: usize,
+    pub retry_max_secs: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct SimulatorSettings {
+    pub listen: SocketAddr,
+    pub callback_delay: std::time::Duration,
+}
+
+pub use smsgw_rules::inbound::InboundRule;
+pub use smsgw_rules::outbound::OutboundRule;
 
 #[derive(Debug, Clone)]
 pub struct GatewaySettings {
@@ -220,6 +387,8 @@ pub struct GatewaySettings {
     pub public_url: String,
     pub data_dir: PathBuf,
     pub shutdown_grace: std::time::Duration,
+    /// The user part notices to phones come from.
+    pub system_sender: String,
 }
 
 #[derive(Debug, Clone)]
@@ -264,6 +433,9 @@ pub struct Extension {
     pub password: Secret,
     pub name: String,
     pub dids: Vec<E164>,
+    pub answer: Option<AnswerMode>,
+    pub rate_per_minute: Option<u32>,
+    pub daily_quota: Option<u32>,
 }
 
 #[derive(Debug, Clone)]
@@ -271,6 +443,7 @@ pub struct Trunk {
     pub name: String,
     pub allow: Vec<IpNet>,
     pub uri: String,
+    pub answer: Option<AnswerMode>,
 }
 
 #[derive(Debug, Clone)]
@@ -291,6 +464,12 @@ pub struct SmsConfig {
     pub messaging_service_sid: Option<String>,
     pub allowed_countries: Vec<CountryCode>,
     pub api_base: String,
+    /// Pacing per sender, in segments per second.
+    pub messages_per_second: f64,
+    /// Extra parameters sent with every message (ValidityPeriod, ProvideFeedback, …).
+    pub send_params: Vec<(String, String)>,
+    pub validity_secs: u32,
+    pub help_reply: Option<String>,
 }
 
 // ---- Loading -----------------------------------------------------------------------------
@@ -585,11 +764,18 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Settings {
             dids.push(did);
         }
         if let Some(id) = id {
+            let answer = e
+                .answer
+                .as_deref()
+                .and_then(|a| c.check(key("answer"), AnswerMode::parse(a)));
             extensions.push(Extension {
                 id,
                 password,
                 name: e.name.clone(),
                 dids,
+                answer,
+                rate_per_minute: e.rate_per_minute,
+                daily_quota: e.daily_quota,
             });
         }
     }
@@ -635,10 +821,15 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Settings {
                 ),
             ),
         }
+        let answer = t
+            .answer
+            .as_deref()
+            .and_then(|a| c.check(key("answer"), AnswerMode::parse(a)));
         trunks.push(Trunk {
             name: t.name.clone(),
             allow,
             uri: t.uri.clone(),
+            answer,
         });
     }
 
@@ -722,6 +913,33 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Settings {
         let api_base = c
             .check(key("api_base"), parse_http_url(&m.api_base))
             .unwrap_or_default();
+        if !(m.messages_per_second > 0.0 && m.messages_per_second <= 10_000.0) {
+            c.push(key("messages_per_second"), "must be above 0 and at most 10000");
+        }
+        let validity_secs = m.validity_period.unwrap_or(36_000);
+        if !(1..=36_000).contains(&validity_secs) {
+            c.push(key("validity_period"), "must be 1 to 36000 seconds (Twilio's ValidityPeriod)");
+        }
+        let mut send_params = Vec::new();
+        if let Some(v) = m.validity_period {
+            send_params.push(("ValidityPeriod".to_string(), v.to_string()));
+        }
+        for (name, on) in [
+            ("ProvideFeedback", m.provide_feedback),
+            ("SmartEncoded", m.smart_encoded),
+            ("ShortenUrls", m.shorten_urls),
+        ] {
+            if on {
+                send_params.push((name.to_string(), "true".to_string()));
+            }
+        }
+        if m.shorten_urls && m.messaging_service_sid.is_empty() {
+            c.push(key("shorten_urls"), "needs messaging_service_sid (Twilio shortens links only for Messaging Services)");
+        }
+        if !m.application_sid.is_empty() {
+            let sid = c.check(key("application_sid"), check_sid(&m.application_sid, "AP"));
+            send_params.extend(sid.map(|s| ("ApplicationSid".to_string(), s)));
+        }
         sms.push(SmsConfig {
             name: m.name.clone(),
             account_sid,
@@ -732,9 +950,31 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Settings {
             messaging_service_sid,
             allowed_countries,
             api_base,
+            messages_per_second: m.messages_per_second,
+            send_params,
+            validity_secs,
+            help_reply: (!m.help_reply.is_empty()).then(|| m.help_reply.clone()),
         });
     }
 
+    let messaging = validate_messaging(&raw.messaging, &mut c);
+    let outbound_rules = validate_outbound_rules(&raw.outbound_rules, &extensions, &trunks, &sms, &mut c);
+    let inbound_rules = validate_inbound_rules(&raw.inbound_rules, &extensions, &trunks, &sms, &mut c);
+    let simulator = raw.simulator.as_ref().and_then(|sim| {
+        if sms.is_empty() {
+            c.push("simulator", "needs an [[sms]] configuration whose credentials and DIDs it serves");
+        }
+        let listen = c.check(
+            "simulator.listen",
+            sim.listen
+                .parse::<SocketAddr>()
+                .map_err(|_| format!("{:?} is not an IP address with a port", sim.listen)),
+        )?;
+        Some(SimulatorSettings {
+            listen,
+            callback_delay: std::time::Duration::from_millis(sim.callback_delay_ms),
+        })
+    });
     let unspecified: SocketAddr = "0.0.0.0:0".parse().expect("literal");
     Settings {
         gateway: GatewaySettings {
@@ -742,6 +982,7 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Settings {
             public_url,
             data_dir: PathBuf::from(&g.data_dir),
             shutdown_grace: std::time::Duration::from_secs(g.shutdown_grace_secs),
+            system_sender: g.system_sender.clone(),
         },
         sip: SipSettings {
             listen,
@@ -770,7 +1011,166 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Settings {
         extensions,
         trunks,
         sms,
+        messaging,
+        outbound_rules,
+        inbound_rules,
+        simulator,
     }
+}
+
+fn validate_messaging(m: &RawMessaging, c: &mut Collector<'_>) -> MessagingSettings {
+    let answer = c.check("messaging.answer", AnswerMode::parse(&m.answer)).unwrap_or(AnswerMode::AfterTwilio);
+    if !(100..=30_000).contains(&m.answer_window_ms) {
+        c.push("messaging.answer_window_ms", "must be 100 to 30000 (keep it below Timer F, 32 s; 4000 suits most phones)");
+    }
+    let split_long_bodies = match m.long_body.as_str() {
+        "split" => true,
+        "refuse" => false,
+        other => {
+            c.push("messaging.long_body", format!("{other:?} is not \"split\" or \"refuse\""));
+            true
+        }
+    };
+    for (key, value) in [
+        ("messaging.inbox_ttl_secs", m.inbox_ttl_secs),
+        ("messaging.inbox_retry_secs", m.inbox_retry_secs),
+        ("messaging.media_ttl_secs", m.media_ttl_secs),
+        ("messaging.max_pending_per_extension", m.max_pending_per_extension),
+        ("messaging.max_in_flight", m.max_in_flight as u64),
+        ("messaging.retry_max_secs", m.retry_max_secs),
+        ("messaging.max_media_bytes", m.max_media_bytes as u64),
+    ] {
+        if value == 0 {
+            c.push(key, "must be greater than 0");
+        }
+    }
+    MessagingSettings {
+        answer,
+        answer_window: std::time::Duration::from_millis(m.answer_window_ms),
+        split_long_bodies,
+        max_media_bytes: m.max_media_bytes,
+        media_ttl_secs: m.media_ttl_secs,
+        inbox_ttl_secs: m.inbox_ttl_secs,
+        inbox_retry_secs: m.inbox_retry_secs,
+        max_pending_per_extension: m.max_pending_per_extension,
+        reply_window_days: m.reply_window_days,
+        rate_per_minute: m.rate_per_minute,
+        daily_quota: m.daily_quota,
+        max_in_flight: m.max_in_flight,
+        retry_max_secs: m.retry_max_secs,
+    }
+}
+
+fn validate_outbound_rules(
+    raw: &[RawOutboundRule],
+    extensions: &[Extension],
+    trunks: &[Trunk],
+    sms: &[SmsConfig],
+    c: &mut Collector<'_>,
+) -> Vec<OutboundRule> {
+    use smsgw_rules::outbound::{SenderChoice, SourcePattern};
+    let mut rules = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let key = |k: &str| format!("outbound_rules[{i}].{k}");
+        if r.name.is_empty() {
+            c.push(key("name"), "is empty");
+        }
+        let mut from = Vec::new();
+        for (j, f) in r.from.iter().enumerate() {
+            let Some(pattern) = c.check(format!("{}[{j}]", key("from")), SourcePattern::parse(f)) else { continue };
+            match &pattern {
+                SourcePattern::Trunk(t) if !trunks.iter().any(|x| &x.name == t) => {
+                    c.push(format!("{}[{j}]", key("from")), format!("there is no trunk named {t:?}"))
+                }
+                SourcePattern::Extension(e) if !extensions.iter().any(|x| x.id == *e) => {
+                    c.push(format!("{}[{j}]", key("from")), format!("there is no extension {e}"))
+                }
+                _ => {}
+            }
+            from.push(pattern);
+        }
+        let to = c.check(key("to"), regex::Regex::new(&r.to).map_err(|e| format!("not a valid pattern: {e}")));
+        let config = sms.iter().find(|s| s.name == r.sms);
+        if config.is_none() {
+            c.push(key("sms"), format!("there is no [[sms]] named {:?}", r.sms));
+        }
+        let sender = c.check(key("sender"), SenderChoice::parse(&r.sender));
+        if let (Some(sender), Some(config)) = (&sender, config) {
+            let problem = match sender {
+                SenderChoice::Did(d) if !config.dids.contains(d) => Some(format!("{d} is not one of sms {:?}'s dids", config.name)),
+                SenderChoice::SenderId if config.sender_id.is_none() => Some(format!("sms {:?} has no sender_id", config.name)),
+                SenderChoice::MessagingService if config.messaging_service_sid.is_none() => {
+                    Some(format!("sms {:?} has no messaging_service_sid", config.name))
+                }
+                _ => None,
+            };
+            if let Some(p) = problem {
+                c.push(key("sender"), p);
+            }
+        }
+        if let (Some(to), Some(sender)) = (to, sender) {
+            rules.push(OutboundRule {
+                name: r.name.clone(),
+                from,
+                to,
+                rewrite: r.rewrite.clone(),
+                sms: r.sms.clone(),
+                sender,
+            });
+        }
+    }
+    rules
+}
+
+fn validate_inbound_rules(
+    raw: &[RawInboundRule],
+    extensions: &[Extension],
+    trunks: &[Trunk],
+    sms: &[SmsConfig],
+    c: &mut Collector<'_>,
+) -> Vec<InboundRule> {
+    use smsgw_rules::inbound::{DidPattern, Target};
+    let mut rules = Vec::new();
+    for (i, r) in raw.iter().enumerate() {
+        let key = |k: &str| format!("inbound_rules[{i}].{k}");
+        if r.name.is_empty() {
+            c.push(key("name"), "is empty");
+        }
+        let did = r
+            .did
+            .iter()
+            .enumerate()
+            .filter_map(|(j, d)| c.check(format!("{}[{j}]", key("did")), DidPattern::parse(d)))
+            .collect();
+        let from = (!r.from.is_empty())
+            .then(|| c.check(key("from"), regex::Regex::new(&r.from).map_err(|e| format!("not a valid pattern: {e}"))))
+            .flatten();
+        if !r.sms.is_empty() && !sms.iter().any(|s| s.name == r.sms) {
+            c.push(key("sms"), format!("there is no [[sms]] named {:?}", r.sms));
+        }
+        if r.to.is_empty() {
+            c.push(key("to"), "needs at least one target (an extension, \"trunk:NAME\", \"forward:+…\" or \"drop\")");
+        }
+        let mut to = Vec::new();
+        for (j, t) in r.to.iter().enumerate() {
+            let k = format!("{}[{j}]", key("to"));
+            let Some(target) = c.check(k.clone(), Target::parse(t)) else { continue };
+            match &target {
+                Target::Extension(e) if !extensions.iter().any(|x| x.id == *e) => c.push(k, format!("there is no extension {e}")),
+                Target::Trunk(n) if !trunks.iter().any(|x| &x.name == n) => c.push(k, format!("there is no trunk named {n:?}")),
+                _ => {}
+            }
+            to.push(target);
+        }
+        rules.push(InboundRule {
+            name: r.name.clone(),
+            did,
+            from,
+            sms: (!r.sms.is_empty()).then(|| r.sms.clone()),
+            to,
+        });
+    }
+    rules
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 
 pub mod app;
 pub mod config;
+pub mod content;
 pub mod http;
 pub mod metrics;
 pub mod registration;

@@ -144,6 +144,9 @@ pub struct Message {
     pub in_doubt: bool,
     /// JSON: how to tell the phone about the outcome (outbound), or what delivery did (inbound).
     pub meta: serde_json::Value,
+    /// Set by a claim when the previous attempt's outcome was unknown: look the message up at
+    /// Twilio before sending it again.
+    pub reconcile: bool,
 }
 
 /// A message before it has an id.
@@ -252,7 +255,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Message>, StoreError>> + Send;
 
     /// Takes due outbound messages: pushes their next attempt `lease_ms` ahead, counts the
-    /// attempt and marks them in doubt (a request is about to be sent).
+    /// attempt and marks them in doubt (a request is about to be sent); `reconcile` reports
+    /// whether they already were.
     fn claim_outbound(
         &self,
         now: i64,
@@ -332,6 +336,9 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
         seen_before: i64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Inbound messages still waiting for an extension (its mailbox size).
+    fn pending_count(&self, extension: String) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Outbound messages sent today (UTC) by an extension, for the daily quota after a restart.
     fn count_outbound_since(

@@ -58,6 +58,7 @@ const MIGRATIONS: &[&str] = &[
         next_attempt_at INTEGER,
         expires_at      INTEGER,
         in_doubt        INTEGER NOT NULL,
+        reconcile       INTEGER NOT NULL DEFAULT 0,
         meta            TEXT NOT NULL
     );
     CREATE INDEX messages_queue ON messages (direction, next_attempt_at) WHERE next_attempt_at IS NOT NULL;
@@ -90,7 +91,7 @@ const MIGRATIONS: &[&str] = &[
 const MESSAGE_COLUMNS: &str =
     "id, direction, kind, sms_config, extension, trunk, remote, sender, body, media, \
      twilio_sid, status, error_code, error_message, segments, created_at, updated_at, attempts, \
-     next_attempt_at, expires_at, in_doubt, meta";
+     next_attempt_at, expires_at, in_doubt, meta, reconcile";
 
 fn message_from_row(r: &Row<'_>) -> rusqlite::Result<Message> {
     let bad = |i: usize, what: &str| {
@@ -130,6 +131,7 @@ fn message_from_row(r: &Row<'_>) -> rusqlite::Result<Message> {
         expires_at: r.get(19)?,
         in_doubt: r.get(20)?,
         meta: serde_json::from_str(&meta).map_err(|_| bad(21, "meta"))?,
+        reconcile: r.get(22)?,
     })
 }
 
@@ -470,7 +472,8 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Message>, StoreError> {
         self.run(move |conn| {
             let sql = format!(
-                "UPDATE messages SET next_attempt_at = ?1, attempts = attempts + 1, in_doubt = 1, updated_at = ?2
+                "UPDATE messages SET next_attempt_at = ?1, attempts = attempts + 1, reconcile = in_doubt,
+                     in_doubt = 1, updated_at = ?2
                  WHERE id IN (SELECT id FROM messages WHERE direction = 'outbound' AND next_attempt_at <= ?2
                               ORDER BY next_attempt_at, id LIMIT ?3)
                  RETURNING {MESSAGE_COLUMNS}"
@@ -675,6 +678,17 @@ impl Store for SqliteStore {
                 [seen_before],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    async fn pending_count(&self, extension: String) -> Result<u64, StoreError> {
+        self.run(move |conn| {
+            Ok(conn.query_row(
+                "SELECT COUNT(*) FROM messages WHERE direction = 'inbound' AND extension = ?1 AND next_attempt_at IS NOT NULL",
+                [extension],
+                |r| r.get(0),
+            )?)
         })
         .await
     }
