@@ -2,6 +2,7 @@
 
 use crate::config::Settings;
 use crate::http::{admin_router, webhook_router, AdminState};
+use crate::messaging::Messaging;
 use crate::metrics::Metrics;
 use crate::registration::{
     from_stored, housekeeping, persist_bindings, unix_now, DirtyAors, Ha1, SipService,
@@ -67,6 +68,7 @@ fn nonce_key(path: &Path) -> Result<[u8; 32], AppError> {
 
 /// Runs the gateway until `shutdown` completes, then drains within the grace period.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    let settings = Arc::new(settings);
     // Two phases at shutdown: `intake` (SIP, HTTP) stops first, then `background` (persistence,
     // housekeeping) gets to save what intake left behind.
     let intake = CancellationToken::new();
@@ -134,6 +136,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     };
     let dirty = Arc::new(DirtyAors::default());
     let service = Arc::new(SipService {
+        messaging: std::sync::OnceLock::new(),
         registrar: registrar.clone(),
         digest: DigestServer::with_key(
             DigestConfig {
@@ -155,6 +158,19 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         dirty: dirty.clone(),
     });
 
+    let messaging = Messaging::new(
+        settings.clone(),
+        store.clone(),
+        endpoint.clone(),
+        registrar.clone(),
+        metrics.clone(),
+    )
+    .await?;
+    let _ = service.messaging.set(messaging.clone());
+    let simulator = match &settings.simulator {
+        Some(sim) => Some((bind("simulator.listen", sim.listen).await?, sim)),
+        None => None,
+    };
     let mut intake_tasks = endpoint.start(service.clone());
     let mut background_tasks = tokio::task::JoinSet::new();
     background_tasks.spawn(persist_bindings(
@@ -169,22 +185,56 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         endpoint.clone(),
         background.clone(),
     ));
+    // In-flight sends are not awaited at shutdown: each one's row is marked in doubt before
+    // its request goes out, and is reconciled with Twilio after the restart.
+    background_tasks.spawn(messaging.clone().outbox_loop(background.clone()));
+    background_tasks.spawn(messaging.clone().inbox_loop(background.clone()));
     let ready = Arc::new(AtomicBool::new(false));
     let admin = admin_router(AdminState {
         registrar,
         metrics,
         admin_token: settings.http.admin_token.clone(),
         ready: ready.clone(),
+        messaging: Some(messaging.clone()),
     });
-    for (listener, router) in [
-        (webhook_listener, webhook_router()),
+    let mut listeners = vec![
+        (webhook_listener, webhook_router(messaging.clone())),
         (admin_listener, admin),
-    ] {
+    ];
+    if let Some((listener, sim)) = simulator {
+        let sms = &settings.sms[0];
+        let public_base = format!("http://{}", listener.local_addr().unwrap_or(sim.listen));
+        tracing::info!(listen = %public_base, "running the built-in Twilio stand-in (demo only)");
+        let config = crate::twilio::sim::SimConfig {
+            account_sid: sms.account_sid.clone(),
+            auth_token: sms.auth_token.clone(),
+            api_keys: match &sms.auth {
+                crate::config::TwilioAuth::ApiKey { sid, secret } => {
+                    vec![(sid.clone(), secret.clone())]
+                }
+                crate::config::TwilioAuth::AuthToken => vec![],
+            },
+            numbers: settings
+                .sms
+                .iter()
+                .flat_map(|s| s.dids.iter().map(ToString::to_string))
+                .collect(),
+            spec: None,
+            callback_delay: sim.callback_delay,
+            default_webhook: Some(messaging.webhook_url(0)),
+            public_base,
+        };
+        listeners.push((listener, crate::twilio::sim::router(config)));
+    }
+    for (listener, router) in listeners {
         let stop = intake.clone();
         intake_tasks.spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
+            let served = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "http listener failed");
             }

@@ -914,11 +914,17 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Settings {
             .check(key("api_base"), parse_http_url(&m.api_base))
             .unwrap_or_default();
         if !(m.messages_per_second > 0.0 && m.messages_per_second <= 10_000.0) {
-            c.push(key("messages_per_second"), "must be above 0 and at most 10000");
+            c.push(
+                key("messages_per_second"),
+                "must be above 0 and at most 10000",
+            );
         }
         let validity_secs = m.validity_period.unwrap_or(36_000);
         if !(1..=36_000).contains(&validity_secs) {
-            c.push(key("validity_period"), "must be 1 to 36000 seconds (Twilio's ValidityPeriod)");
+            c.push(
+                key("validity_period"),
+                "must be 1 to 36000 seconds (Twilio's ValidityPeriod)",
+            );
         }
         let mut send_params = Vec::new();
         if let Some(v) = m.validity_period {
@@ -934,7 +940,10 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Settings {
             }
         }
         if m.shorten_urls && m.messaging_service_sid.is_empty() {
-            c.push(key("shorten_urls"), "needs messaging_service_sid (Twilio shortens links only for Messaging Services)");
+            c.push(
+                key("shorten_urls"),
+                "needs messaging_service_sid (Twilio shortens links only for Messaging Services)",
+            );
         }
         if !m.application_sid.is_empty() {
             let sid = c.check(key("application_sid"), check_sid(&m.application_sid, "AP"));
@@ -958,11 +967,16 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Settings {
     }
 
     let messaging = validate_messaging(&raw.messaging, &mut c);
-    let outbound_rules = validate_outbound_rules(&raw.outbound_rules, &extensions, &trunks, &sms, &mut c);
-    let inbound_rules = validate_inbound_rules(&raw.inbound_rules, &extensions, &trunks, &sms, &mut c);
+    let outbound_rules =
+        validate_outbound_rules(&raw.outbound_rules, &extensions, &trunks, &sms, &mut c);
+    let inbound_rules =
+        validate_inbound_rules(&raw.inbound_rules, &extensions, &trunks, &sms, &mut c);
     let simulator = raw.simulator.as_ref().and_then(|sim| {
         if sms.is_empty() {
-            c.push("simulator", "needs an [[sms]] configuration whose credentials and DIDs it serves");
+            c.push(
+                "simulator",
+                "needs an [[sms]] configuration whose credentials and DIDs it serves",
+            );
         }
         let listen = c.check(
             "simulator.listen",
@@ -1019,15 +1033,23 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Settings {
 }
 
 fn validate_messaging(m: &RawMessaging, c: &mut Collector<'_>) -> MessagingSettings {
-    let answer = c.check("messaging.answer", AnswerMode::parse(&m.answer)).unwrap_or(AnswerMode::AfterTwilio);
+    let answer = c
+        .check("messaging.answer", AnswerMode::parse(&m.answer))
+        .unwrap_or(AnswerMode::AfterTwilio);
     if !(100..=30_000).contains(&m.answer_window_ms) {
-        c.push("messaging.answer_window_ms", "must be 100 to 30000 (keep it below Timer F, 32 s; 4000 suits most phones)");
+        c.push(
+            "messaging.answer_window_ms",
+            "must be 100 to 30000 (keep it below Timer F, 32 s; 4000 suits most phones)",
+        );
     }
     let split_long_bodies = match m.long_body.as_str() {
         "split" => true,
         "refuse" => false,
         other => {
-            c.push("messaging.long_body", format!("{other:?} is not \"split\" or \"refuse\""));
+            c.push(
+                "messaging.long_body",
+                format!("{other:?} is not \"split\" or \"refuse\""),
+            );
             true
         }
     };
@@ -1035,7 +1057,10 @@ fn validate_messaging(m: &RawMessaging, c: &mut Collector<'_>) -> MessagingSetti
         ("messaging.inbox_ttl_secs", m.inbox_ttl_secs),
         ("messaging.inbox_retry_secs", m.inbox_retry_secs),
         ("messaging.media_ttl_secs", m.media_ttl_secs),
-        ("messaging.max_pending_per_extension", m.max_pending_per_extension),
+        (
+            "messaging.max_pending_per_extension",
+            m.max_pending_per_extension,
+        ),
         ("messaging.max_in_flight", m.max_in_flight as u64),
         ("messaging.retry_max_secs", m.retry_max_secs),
         ("messaging.max_media_bytes", m.max_media_bytes as u64),
@@ -1077,19 +1102,27 @@ fn validate_outbound_rules(
         }
         let mut from = Vec::new();
         for (j, f) in r.from.iter().enumerate() {
-            let Some(pattern) = c.check(format!("{}[{j}]", key("from")), SourcePattern::parse(f)) else { continue };
+            let Some(pattern) = c.check(format!("{}[{j}]", key("from")), SourcePattern::parse(f))
+            else {
+                continue;
+            };
             match &pattern {
-                SourcePattern::Trunk(t) if !trunks.iter().any(|x| &x.name == t) => {
-                    c.push(format!("{}[{j}]", key("from")), format!("there is no trunk named {t:?}"))
-                }
-                SourcePattern::Extension(e) if !extensions.iter().any(|x| x.id == *e) => {
-                    c.push(format!("{}[{j}]", key("from")), format!("there is no extension {e}"))
-                }
+                SourcePattern::Trunk(t) if !trunks.iter().any(|x| &x.name == t) => c.push(
+                    format!("{}[{j}]", key("from")),
+                    format!("there is no trunk named {t:?}"),
+                ),
+                SourcePattern::Extension(e) if !extensions.iter().any(|x| x.id == *e) => c.push(
+                    format!("{}[{j}]", key("from")),
+                    format!("there is no extension {e}"),
+                ),
                 _ => {}
             }
             from.push(pattern);
         }
-        let to = c.check(key("to"), regex::Regex::new(&r.to).map_err(|e| format!("not a valid pattern: {e}")));
+        let to = c.check(
+            key("to"),
+            regex::Regex::new(&r.to).map_err(|e| format!("not a valid pattern: {e}")),
+        );
         let config = sms.iter().find(|s| s.name == r.sms);
         if config.is_none() {
             c.push(key("sms"), format!("there is no [[sms]] named {:?}", r.sms));
@@ -1097,11 +1130,15 @@ fn validate_outbound_rules(
         let sender = c.check(key("sender"), SenderChoice::parse(&r.sender));
         if let (Some(sender), Some(config)) = (&sender, config) {
             let problem = match sender {
-                SenderChoice::Did(d) if !config.dids.contains(d) => Some(format!("{d} is not one of sms {:?}'s dids", config.name)),
-                SenderChoice::SenderId if config.sender_id.is_none() => Some(format!("sms {:?} has no sender_id", config.name)),
-                SenderChoice::MessagingService if config.messaging_service_sid.is_none() => {
-                    Some(format!("sms {:?} has no messaging_service_sid", config.name))
+                SenderChoice::Did(d) if !config.dids.contains(d) => {
+                    Some(format!("{d} is not one of sms {:?}'s dids", config.name))
                 }
+                SenderChoice::SenderId if config.sender_id.is_none() => {
+                    Some(format!("sms {:?} has no sender_id", config.name))
+                }
+                SenderChoice::MessagingService if config.messaging_service_sid.is_none() => Some(
+                    format!("sms {:?} has no messaging_service_sid", config.name),
+                ),
                 _ => None,
             };
             if let Some(p) = problem {
@@ -1143,7 +1180,12 @@ fn validate_inbound_rules(
             .filter_map(|(j, d)| c.check(format!("{}[{j}]", key("did")), DidPattern::parse(d)))
             .collect();
         let from = (!r.from.is_empty())
-            .then(|| c.check(key("from"), regex::Regex::new(&r.from).map_err(|e| format!("not a valid pattern: {e}"))))
+            .then(|| {
+                c.check(
+                    key("from"),
+                    regex::Regex::new(&r.from).map_err(|e| format!("not a valid pattern: {e}")),
+                )
+            })
             .flatten();
         if !r.sms.is_empty() && !sms.iter().any(|s| s.name == r.sms) {
             c.push(key("sms"), format!("there is no [[sms]] named {:?}", r.sms));
@@ -1154,10 +1196,16 @@ fn validate_inbound_rules(
         let mut to = Vec::new();
         for (j, t) in r.to.iter().enumerate() {
             let k = format!("{}[{j}]", key("to"));
-            let Some(target) = c.check(k.clone(), Target::parse(t)) else { continue };
+            let Some(target) = c.check(k.clone(), Target::parse(t)) else {
+                continue;
+            };
             match &target {
-                Target::Extension(e) if !extensions.iter().any(|x| x.id == *e) => c.push(k, format!("there is no extension {e}")),
-                Target::Trunk(n) if !trunks.iter().any(|x| &x.name == n) => c.push(k, format!("there is no trunk named {n:?}")),
+                Target::Extension(e) if !extensions.iter().any(|x| x.id == *e) => {
+                    c.push(k, format!("there is no extension {e}"))
+                }
+                Target::Trunk(n) if !trunks.iter().any(|x| &x.name == n) => {
+                    c.push(k, format!("there is no trunk named {n:?}"))
+                }
                 _ => {}
             }
             to.push(target);

@@ -60,28 +60,42 @@ fn media_type(value: &str) -> (String, Vec<(String, String)>) {
     let params = parts
         .filter_map(|p| {
             let (k, v) = p.split_once('=')?;
-            Some((k.trim().to_ascii_lowercase(), v.trim().trim_matches('"').to_string()))
+            Some((
+                k.trim().to_ascii_lowercase(),
+                v.trim().trim_matches('"').to_string(),
+            ))
         })
         .collect();
     (main, params)
 }
 
 fn param<'a>(params: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    params
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 /// Text in UTF-8 (the default) or ISO-8859-1 / US-ASCII; other charsets are refused.
 fn decode_text(body: &[u8], charset: Option<&str>) -> Result<String, Refusal> {
     match charset.map(str::to_ascii_lowercase).as_deref() {
-        None | Some("utf-8") | Some("utf8") => String::from_utf8(body.to_vec())
-            .map_err(|_| refuse(400, "the text is not valid UTF-8")),
+        None | Some("utf-8") | Some("utf8") => {
+            String::from_utf8(body.to_vec()).map_err(|_| refuse(400, "the text is not valid UTF-8"))
+        }
         Some("us-ascii") if body.is_ascii() => Ok(String::from_utf8_lossy(body).into_owned()),
         Some("iso-8859-1") | Some("latin1") => Ok(body.iter().map(|&b| b as char).collect()),
-        Some(other) => Err(refuse(415, format!("charset {other} is not supported; use UTF-8"))),
+        Some(other) => Err(refuse(
+            415,
+            format!("charset {other} is not supported; use UTF-8"),
+        )),
     }
 }
 
-pub fn parse(content_type: Option<&str>, body: &[u8], max_media_bytes: usize) -> Result<Content, Refusal> {
+pub fn parse(
+    content_type: Option<&str>,
+    body: &[u8],
+    max_media_bytes: usize,
+) -> Result<Content, Refusal> {
     let (kind, params) = media_type(content_type.unwrap_or("text/plain"));
     match kind.as_str() {
         "application/im-iscomposing+xml" | "message/imdn+xml" => Ok(Content::Ignore),
@@ -91,20 +105,30 @@ pub fn parse(content_type: Option<&str>, body: &[u8], max_media_bytes: usize) ->
             if text.trim().is_empty() {
                 return Err(refuse(400, "the message is empty"));
             }
-            Ok(Content::Text(Outgoing { text, ..Outgoing::default() }))
+            Ok(Content::Text(Outgoing {
+                text,
+                ..Outgoing::default()
+            }))
         }
         "message/cpim" => parse_cpim(body, max_media_bytes),
         t if IMAGE_TYPES.contains(&t) => {
             if body.len() > max_media_bytes {
-                return Err(refuse(413, format!("the image is larger than {max_media_bytes} bytes")));
+                return Err(refuse(
+                    413,
+                    format!("the image is larger than {max_media_bytes} bytes"),
+                ));
             }
             Ok(Content::Text(Outgoing {
-                media: vec![Media { content_type: t.to_string(), data: Bytes::copy_from_slice(body) }],
+                media: vec![Media {
+                    content_type: t.to_string(),
+                    data: Bytes::copy_from_slice(body),
+                }],
                 ..Outgoing::default()
             }))
         }
         "multipart/mixed" | "multipart/related" => {
-            let boundary = param(&params, "boundary").ok_or_else(|| refuse(400, "multipart body without a boundary"))?;
+            let boundary = param(&params, "boundary")
+                .ok_or_else(|| refuse(400, "multipart body without a boundary"))?;
             parse_multipart(body, boundary, max_media_bytes)
         }
         other => Err(refuse(415, format!("{other} is not supported"))),
@@ -140,13 +164,17 @@ fn parse_cpim(body: &[u8], max_media_bytes: usize) -> Result<Content, Refusal> {
     let (mime_head, content) = split_entity(entity);
     let prefix = cpim_head.lines().find_map(|l| {
         let v = l.strip_prefix("NS:")?.trim();
-        v.contains("urn:ietf:params:imdn").then(|| v.split_whitespace().next().unwrap_or("imdn").to_string())
+        v.contains("urn:ietf:params:imdn")
+            .then(|| v.split_whitespace().next().unwrap_or("imdn").to_string())
     });
     let inner = parse(header(&mime_head, "Content-Type"), content, max_media_bytes)?;
-    let Content::Text(mut out) = inner else { return Ok(Content::Ignore) };
+    let Content::Text(mut out) = inner else {
+        return Ok(Content::Ignore);
+    };
     if let Some(ns) = prefix {
         let get = |n: &str| header(&cpim_head, &format!("{ns}.{n}"));
-        if let (Some(id), Some(disposition)) = (get("Message-ID"), get("Disposition-Notification")) {
+        if let (Some(id), Some(disposition)) = (get("Message-ID"), get("Disposition-Notification"))
+        {
             let from = header(&cpim_head, "From").unwrap_or_default();
             let from = from
                 .split_once('<')
@@ -164,7 +192,11 @@ fn parse_cpim(body: &[u8], max_media_bytes: usize) -> Result<Content, Refusal> {
     Ok(Content::Text(out))
 }
 
-fn parse_multipart(body: &[u8], boundary: &str, max_media_bytes: usize) -> Result<Content, Refusal> {
+fn parse_multipart(
+    body: &[u8],
+    boundary: &str,
+    max_media_bytes: usize,
+) -> Result<Content, Refusal> {
     let delimiter = format!("--{boundary}");
     let text = body;
     let mut parts = Vec::new();
@@ -191,23 +223,42 @@ fn parse_multipart(body: &[u8], boundary: &str, max_media_bytes: usize) -> Resul
             out.text.push_str(&t);
         } else if IMAGE_TYPES.contains(&kind.as_str()) {
             if content.len() > max_media_bytes {
-                return Err(refuse(413, format!("an image is larger than {max_media_bytes} bytes")));
+                return Err(refuse(
+                    413,
+                    format!("an image is larger than {max_media_bytes} bytes"),
+                ));
             }
-            out.media.push(Media { content_type: kind, data: Bytes::copy_from_slice(content) });
+            out.media.push(Media {
+                content_type: kind,
+                data: Bytes::copy_from_slice(content),
+            });
         }
     }
     if out.media.len() > 10 {
         return Err(refuse(413, "more than 10 images in one message"));
     }
     if out.text.trim().is_empty() && out.media.is_empty() {
-        return Err(refuse(415, "the multipart body has no text/plain or image part"));
+        return Err(refuse(
+            415,
+            "the multipart body has no text/plain or image part",
+        ));
     }
     Ok(Content::Text(out))
 }
 
 /// An IMDN delivery notification (RFC 5438 §7.2.1.1) wrapped in CPIM, for the phone.
-pub fn imdn_body(request: &ImdnRequest, gateway_uri: &str, delivered: bool, now_rfc3339: &str, id: &str) -> String {
-    let status = if delivered { "<delivered/>" } else { "<failed/>" };
+pub fn imdn_body(
+    request: &ImdnRequest,
+    gateway_uri: &str,
+    delivered: bool,
+    now_rfc3339: &str,
+    id: &str,
+) -> String {
+    let status = if delivered {
+        "<delivered/>"
+    } else {
+        "<failed/>"
+    };
     let xml = format!(
         "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\r\n<imdn xmlns=\"urn:ietf:params:xml:ns:imdn\"><message-id>{}</message-id><datetime>{now_rfc3339}</datetime><delivery-notification><status>{status}</status></delivery-notification></imdn>",
         xml_escape(&request.message_id)
@@ -220,7 +271,9 @@ pub fn imdn_body(request: &ImdnRequest, gateway_uri: &str, delivered: bool, now_
 }
 
 fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
 }
 
 #[cfg(test)]
@@ -230,14 +283,26 @@ mod tests {
     #[test]
     fn content_types() {
         let cases: Vec<(Option<&str>, &[u8], Result<&str, u16>)> = vec![
-            (Some("text/plain;charset=UTF-8"), "héllo".as_bytes(), Ok("héllo")),
+            (
+                Some("text/plain;charset=UTF-8"),
+                "héllo".as_bytes(),
+                Ok("héllo"),
+            ),
             (None, b"plain", Ok("plain")),
-            (Some("text/plain; charset=ISO-8859-1"), b"caf\xe9", Ok("café")),
+            (
+                Some("text/plain; charset=ISO-8859-1"),
+                b"caf\xe9",
+                Ok("café"),
+            ),
             (Some("text/plain;charset=shift_jis"), b"x", Err(415)),
             (Some("text/plain"), b"\xff\xfe", Err(400)),
             (Some("text/plain"), b"", Err(400)),
             (Some("text/plain"), b"  ", Err(400)),
-            (Some("application/vnd.gsma.rcs-ft-http+xml"), b"<x/>", Err(415)),
+            (
+                Some("application/vnd.gsma.rcs-ft-http+xml"),
+                b"<x/>",
+                Err(415),
+            ),
         ];
         for (ct, body, want) in cases {
             let got = parse(ct, body, 1000);
@@ -247,17 +312,37 @@ mod tests {
                 (want, got) => panic!("{ct:?}: want {want:?}, got {got:?}"),
             }
         }
-        assert_eq!(parse(Some("application/im-iscomposing+xml"), b"<isComposing/>", 10), Ok(Content::Ignore));
-        assert_eq!(parse(Some("message/imdn+xml"), b"<imdn/>", 10), Ok(Content::Ignore));
+        assert_eq!(
+            parse(
+                Some("application/im-iscomposing+xml"),
+                b"<isComposing/>",
+                10
+            ),
+            Ok(Content::Ignore)
+        );
+        assert_eq!(
+            parse(Some("message/imdn+xml"), b"<imdn/>", 10),
+            Ok(Content::Ignore)
+        );
     }
 
     #[test]
     fn images_and_multipart() {
-        let Ok(Content::Text(o)) = parse(Some("image/png"), b"\x89PNG....", 100) else { panic!() };
+        let Ok(Content::Text(o)) = parse(Some("image/png"), b"\x89PNG....", 100) else {
+            panic!()
+        };
         assert_eq!(o.media.len(), 1);
-        assert_eq!(parse(Some("image/png"), &[0u8; 101], 100).unwrap_err().status, 413);
+        assert_eq!(
+            parse(Some("image/png"), &[0u8; 101], 100)
+                .unwrap_err()
+                .status,
+            413
+        );
         let body = b"--b1\r\nContent-Type: text/plain\r\n\r\nlook at this\r\n--b1\r\nContent-Type: image/jpeg\r\n\r\nJPEGDATA\r\n--b1--\r\n";
-        let Ok(Content::Text(o)) = parse(Some("multipart/mixed; boundary=\"b1\""), body, 100) else { panic!() };
+        let Ok(Content::Text(o)) = parse(Some("multipart/mixed; boundary=\"b1\""), body, 100)
+        else {
+            panic!()
+        };
         assert_eq!(o.text, "look at this");
         assert_eq!(o.media[0].content_type, "image/jpeg");
         assert_eq!(&o.media[0].data[..], b"JPEGDATA");
@@ -266,7 +351,9 @@ mod tests {
     #[test]
     fn cpim_with_imdn_request() {
         let body = "From: <sip:101@pbx>\r\nTo: <sip:+15551234567@pbx>\r\nNS: imdn <urn:ietf:params:imdn>\r\nimdn.Message-ID: 34jk324j\r\nDateTime: 2024-01-01T00:00:00Z\r\nimdn.Disposition-Notification: positive-delivery, negative-delivery\r\n\r\nContent-Type: text/plain;charset=utf-8\r\n\r\nHello via CPIM";
-        let Ok(Content::Text(o)) = parse(Some("message/cpim"), body.as_bytes(), 100) else { panic!() };
+        let Ok(Content::Text(o)) = parse(Some("message/cpim"), body.as_bytes(), 100) else {
+            panic!()
+        };
         assert_eq!(o.text, "Hello via CPIM");
         let imdn = o.imdn.unwrap();
         assert_eq!(imdn.message_id, "34jk324j");
@@ -276,6 +363,9 @@ mod tests {
         assert!(note.contains("<failed/>") && note.contains("To: <sip:101@pbx>"));
         assert!(note.contains("<message-id>34jk324j</message-id>"));
         let composing = "From: <sip:a@b>\r\n\r\nContent-Type: application/im-iscomposing+xml\r\n\r\n<isComposing/>";
-        assert_eq!(parse(Some("message/cpim"), composing.as_bytes(), 100), Ok(Content::Ignore));
+        assert_eq!(
+            parse(Some("message/cpim"), composing.as_bytes(), 100),
+            Ok(Content::Ignore)
+        );
     }
 }

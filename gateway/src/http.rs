@@ -2,14 +2,19 @@
 //! listener carries health, metrics and the admin API and is never meant for the internet.
 
 use crate::config::Secret;
+use crate::messaging::{now_ms, Messaging, OwnedSource};
 use crate::metrics::Metrics;
-use axum::extract::State;
+use crate::store::{Direction, Message, MessageFilter, Store};
+use axum::extract::ConnectInfo;
+use axum::extract::{DefaultBodyLimit, Path, Query, RawQuery, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
+use smsgw_rules::MessageStatus;
 use smsgw_sip::registrar::Registrar;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use subtle::ConstantTimeEq;
@@ -20,11 +25,50 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     pub admin_token: Secret,
     pub ready: Arc<AtomicBool>,
+    pub messaging: Option<Arc<Messaging>>,
 }
 
-/// Twilio-facing routes (webhooks, status callbacks, media) join here with the messaging issues.
-pub fn webhook_router() -> Router {
-    Router::new().fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+/// Largest webhook body accepted (Twilio's are a few KiB).
+const WEBHOOK_BODY_LIMIT: usize = 64 * 1024;
+
+/// The only listener meant for the internet: Twilio's webhooks and status callbacks, and the
+/// media smsgw serves to Twilio and to phones.
+pub fn webhook_router(messaging: Arc<Messaging>) -> Router {
+    Router::new()
+        .route("/twilio/sms/{token}", post(sms_webhook))
+        .route("/twilio/status/{token}", post(status_webhook))
+        .route("/media/{token}", get(media))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
+        .layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT))
+        .with_state(messaging)
+}
+
+async fn sms_webhook(
+    State(m): State<Arc<Messaging>>,
+    Path(token): Path<String>,
+    RawQuery(query): RawQuery,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    m.on_sms_webhook(&token, query.as_deref(), &headers, &body, &peer.to_string())
+        .await
+}
+
+async fn status_webhook(
+    State(m): State<Arc<Messaging>>,
+    Path(token): Path<String>,
+    RawQuery(query): RawQuery,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    m.on_status_request(&token, query.as_deref(), &headers, &body, &peer.to_string())
+        .await
+}
+
+async fn media(State(m): State<Arc<Messaging>>, Path(token): Path<String>) -> Response {
+    m.media_response(&token).await
 }
 
 pub fn admin_router(state: AdminState) -> Router {
@@ -33,7 +77,283 @@ pub fn admin_router(state: AdminState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/api/registrations", get(registrations))
+        .route("/api/messages", get(list_messages).post(send_message))
+        .route("/api/messages/{id}", get(get_message))
+        .route("/api/sms-configs", get(sms_configs))
+        .route(
+            "/api/sms-configs/{name}/rotate-webhook",
+            post(rotate_webhook),
+        )
         .with_state(state)
+}
+
+/// The messaging pipelines, or a 503 naming why they are absent.
+fn messaging(s: &AdminState) -> Result<&Arc<Messaging>, Response> {
+    s.messaging
+        .as_ref()
+        .ok_or_else(|| error(StatusCode::SERVICE_UNAVAILABLE, "messaging is not running"))
+}
+
+#[derive(Serialize)]
+struct MessageView {
+    id: i64,
+    direction: &'static str,
+    kind: &'static str,
+    sms_config: String,
+    extension: Option<String>,
+    trunk: Option<String>,
+    remote: String,
+    sender: String,
+    body: String,
+    media: Vec<String>,
+    twilio_sid: Option<String>,
+    status: &'static str,
+    error_code: Option<i64>,
+    error_message: Option<String>,
+    segments: u32,
+    created_at: i64,
+    updated_at: i64,
+    attempts: u32,
+    queued_until: Option<i64>,
+    detail: serde_json::Value,
+}
+
+impl From<Message> for MessageView {
+    fn from(m: Message) -> Self {
+        Self {
+            id: m.id,
+            direction: m.direction.as_str(),
+            kind: m.kind.as_str(),
+            sms_config: m.sms_config,
+            extension: m.extension,
+            trunk: m.trunk,
+            remote: m.remote,
+            sender: m.sender,
+            body: m.body,
+            media: m.media,
+            twilio_sid: m.twilio_sid,
+            status: m.status.as_str(),
+            error_code: m.error_code,
+            error_message: m.error_message,
+            segments: m.segments,
+            created_at: m.created_at,
+            updated_at: m.updated_at,
+            attempts: m.attempts,
+            queued_until: m.next_attempt_at,
+            detail: m.meta,
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    direction: Option<String>,
+    extension: Option<String>,
+    number: Option<String>,
+    status: Option<String>,
+    /// Unix milliseconds.
+    since: Option<i64>,
+    until: Option<i64>,
+    before_id: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn list_messages(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    if !authorized(&headers, &s.admin_token) {
+        return unauthorized();
+    }
+    let m = match messaging(&s) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let Query(q) = match query {
+        Ok(q) => q,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    let direction = match q.direction.as_deref() {
+        None => None,
+        Some("outbound") => Some(Direction::Outbound),
+        Some("inbound") => Some(Direction::Inbound),
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "direction must be inbound or outbound",
+            )
+        }
+    };
+    let status = match q.status.as_deref().map(MessageStatus::parse) {
+        None => None,
+        Some(Some(st)) => Some(st),
+        Some(None) => return error(StatusCode::BAD_REQUEST, "unknown status"),
+    };
+    let filter = MessageFilter {
+        direction,
+        extension: q.extension,
+        number: q.number,
+        status,
+        since: q.since,
+        until: q.until,
+        before_id: q.before_id,
+        limit: q.limit.unwrap_or(100).clamp(1, 1000),
+    };
+    match m.store.list_messages(filter).await {
+        Ok(list) => {
+            Json(list.into_iter().map(MessageView::from).collect::<Vec<_>>()).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+async fn get_message(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(id): Path<i64>,
+) -> Response {
+    if !authorized(&headers, &s.admin_token) {
+        return unauthorized();
+    }
+    let m = match messaging(&s) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    match m.store.message(id).await {
+        Ok(Some(msg)) => Json(MessageView::from(msg)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, "no such message"),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SendBody {
+    /// Send as this extension (its rules, DIDs, limits)…
+    extension: Option<String>,
+    /// …or as this trunk.
+    trunk: Option<String>,
+    to: String,
+    body: String,
+}
+
+/// Sends through the same path as a phone's MESSAGE; answers once Twilio accepted or refused it.
+async fn send_message(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: Result<Json<SendBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    if !authorized(&headers, &s.admin_token) {
+        return unauthorized();
+    }
+    let m = match messaging(&s) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let Json(b) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.body_text()),
+    };
+    let source = match (b.extension, b.trunk) {
+        (Some(e), None) if m.settings.extensions.iter().any(|x| x.id.as_str() == e) => {
+            OwnedSource::Extension(e)
+        }
+        (None, Some(t)) if m.settings.trunks.iter().any(|x| x.name == t) => OwnedSource::Trunk(t),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give exactly one of extension or trunk, naming a configured one",
+            )
+        }
+    };
+    if b.body.trim().is_empty() {
+        return error(StatusCode::BAD_REQUEST, "body is empty");
+    }
+    let out = crate::content::Outgoing {
+        text: b.body,
+        ..Default::default()
+    };
+    match m.submit_and_send(&source, &b.to, out).await {
+        Ok(list) => (
+            StatusCode::CREATED,
+            Json(list.into_iter().map(MessageView::from).collect::<Vec<_>>()),
+        )
+            .into_response(),
+        Err(r) => (
+            StatusCode::from_u16(match r.status {
+                404 | 484 => 422,
+                403 => 403,
+                413 => 413,
+                503 => 429,
+                _ => 500,
+            })
+            .unwrap_or(StatusCode::BAD_REQUEST),
+            Json(serde_json::json!({"error": r.reason, "sip_status": r.status})),
+        )
+            .into_response(),
+    }
+}
+
+#[derive(Serialize)]
+struct SmsConfigView {
+    name: String,
+    account_sid: String,
+    dids: Vec<String>,
+    webhook_url: String,
+    status_callback_url: String,
+    last_webhook_at: Option<u64>,
+}
+
+async fn sms_configs(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    if !authorized(&headers, &s.admin_token) {
+        return unauthorized();
+    }
+    let m = match messaging(&s) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let list: Vec<SmsConfigView> = m
+        .settings
+        .sms
+        .iter()
+        .enumerate()
+        .map(|(i, c)| SmsConfigView {
+            name: c.name.clone(),
+            account_sid: c.account_sid.clone(),
+            dids: c.dids.iter().map(ToString::to_string).collect(),
+            webhook_url: m.webhook_url(i),
+            status_callback_url: m.status_callback_url(i),
+            last_webhook_at: m
+                .last_webhook(&c.name)
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map(|d| d.as_secs()),
+        })
+        .collect();
+    Json(list).into_response()
+}
+
+async fn rotate_webhook(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Response {
+    if !authorized(&headers, &s.admin_token) {
+        return unauthorized();
+    }
+    let m = match messaging(&s) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    match m.rotate_token(&name).await {
+        Ok(Some(url)) => {
+            Json(serde_json::json!({"name": name, "webhook_url": url, "rotated_at": now_ms()}))
+                .into_response()
+        }
+        Ok(None) => error(StatusCode::NOT_FOUND, "no SMS configuration of that name"),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+    }
 }
 
 async fn readyz(State(s): State<AdminState>) -> Response {
@@ -141,6 +461,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             admin_token: Secret::new("tok"),
             ready: Arc::new(AtomicBool::new(false)),
+            messaging: None,
         }
     }
 

@@ -10,9 +10,11 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod cli;
 pub mod config;
 pub mod content;
 pub mod http;
+pub mod messaging;
 pub mod metrics;
 pub mod registration;
 pub mod store;

@@ -36,6 +36,28 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
+    /// Print the webhook URL of each SMS configuration (paste it into Twilio's console under
+    /// "A message comes in"), or of the one named.
+    WebhookUrl {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        name: Option<String>,
+        /// Replace the token: the old URL stops working (restart a running gateway).
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// List the account's numbers with their SMS/MMS capability and messaging webhook, and flag
+    /// configured DIDs that are missing, not SMS-capable, or pointing elsewhere.
+    Verify {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        name: String,
+        /// Set smsgw's webhook URL as SmsUrl on every configured DID.
+        #[arg(long)]
+        apply: bool,
+    },
+    /// Run the Twilio stand-in, or make it post an inbound SMS.
+    TwilioSim(smsgw::cli::SimArgs),
 }
 
 /// Exit status for a configuration that does not validate (EX_CONFIG).
@@ -78,6 +100,25 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("async runtime")
+        .block_on(f)
+}
+
+fn exit(result: anyhow::Result<bool>) -> ExitCode {
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("smsgw: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -94,6 +135,38 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+        Command::WebhookUrl {
+            config,
+            name,
+            rotate,
+        } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            exit(block_on(smsgw::cli::webhook_url(settings, name, rotate)))
+        }
+        Command::Verify {
+            config,
+            name,
+            apply,
+        } => {
+            let settings = match load(&config) {
+                Ok(s) => s,
+                Err(code) => return code,
+            };
+            exit(block_on(smsgw::cli::verify(settings, name, apply)))
+        }
+        Command::TwilioSim(args) => {
+            tracing_subscriber::fmt()
+                .with_writer(std::io::stderr)
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            exit(block_on(smsgw::cli::twilio_sim(args)))
+        }
         Command::Run { config, log_json } => {
             let settings = match load(&config) {
                 Ok(s) => s,

@@ -5,6 +5,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use smsgw_sip::Method;
 
@@ -25,6 +26,28 @@ pub struct AlgorithmLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MessageLabel {
+    pub direction: &'static str,
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    pub code: i64,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SenderLabel {
+    /// Configured senders only (DIDs, sender ids, services), so the set is bounded.
+    pub sender: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
     pub reason: &'static str,
 }
@@ -41,6 +64,16 @@ pub struct Metrics {
     pub server_transactions: Gauge,
     pub tcp_connections: Gauge,
     pub store_errors: Counter,
+    pub messages: Family<MessageLabel, Counter>,
+    pub twilio_latency: Histogram,
+    pub twilio_retries: Counter,
+    pub twilio_errors: Family<CodeLabel, Counter>,
+    pub sender_queue: Family<SenderLabel, Gauge>,
+    pub webhooks: Family<OutcomeLabel, Counter>,
+    pub deliveries: Family<CodeLabel, Counter>,
+    pub inbox_pending: Gauge,
+    pub inbox_oldest_seconds: Gauge,
+    pub outbox_pending: Gauge,
 }
 
 /// The method as a metric label: known methods by name, anything else as "other".
@@ -71,6 +104,16 @@ impl Metrics {
             server_transactions: Gauge::default(),
             tcp_connections: Gauge::default(),
             store_errors: Counter::default(),
+            messages: Family::default(),
+            twilio_latency: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
+            twilio_retries: Counter::default(),
+            twilio_errors: Family::default(),
+            sender_queue: Family::default(),
+            webhooks: Family::default(),
+            deliveries: Family::default(),
+            inbox_pending: Gauge::default(),
+            inbox_oldest_seconds: Gauge::default(),
+            outbox_pending: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -122,6 +165,56 @@ impl Metrics {
             "store_errors",
             "Failed store operations",
             m.store_errors.clone(),
+        );
+        registry.register(
+            "messages",
+            "Message status changes, by direction and new status",
+            m.messages.clone(),
+        );
+        registry.register(
+            "twilio_request_seconds",
+            "Latency of Twilio Messages API requests",
+            m.twilio_latency.clone(),
+        );
+        registry.register(
+            "twilio_retries",
+            "Sends to Twilio that will be retried",
+            m.twilio_retries.clone(),
+        );
+        registry.register(
+            "twilio_errors",
+            "Errors from Twilio, by Twilio error code",
+            m.twilio_errors.clone(),
+        );
+        registry.register(
+            "sender_queue",
+            "Messages waiting for their sender's pacing, by sender",
+            m.sender_queue.clone(),
+        );
+        registry.register(
+            "webhooks",
+            "Inbound webhooks, by outcome",
+            m.webhooks.clone(),
+        );
+        registry.register(
+            "sip_deliveries",
+            "MESSAGE deliveries to phones and trunks, by SIP status (0: no answer)",
+            m.deliveries.clone(),
+        );
+        registry.register(
+            "inbox_pending",
+            "Inbound messages waiting for delivery (store-and-forward)",
+            m.inbox_pending.clone(),
+        );
+        registry.register(
+            "inbox_oldest_seconds",
+            "Age of the oldest inbound message waiting",
+            m.inbox_oldest_seconds.clone(),
+        );
+        registry.register(
+            "outbox_pending",
+            "Outbound messages waiting to be sent or retried",
+            m.outbox_pending.clone(),
         );
         Self { registry, ..m }
     }

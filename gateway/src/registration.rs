@@ -15,7 +15,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-pub const ALLOW: &str = "REGISTER, OPTIONS";
+pub const ALLOW: &str = "REGISTER, OPTIONS, MESSAGE";
 
 /// RFC 3261 §8.2.2.3: we support no extensions, so any `Require` gets 420 naming them.
 fn unsupported_extensions(tx: &ServerTx) -> Option<String> {
@@ -52,6 +52,8 @@ impl Ha1 {
 }
 
 pub struct SipService {
+    /// Set once the messaging pipelines exist; MESSAGE is refused with 503 before.
+    pub messaging: std::sync::OnceLock<Arc<crate::messaging::Messaging>>,
     pub registrar: Arc<Registrar>,
     pub digest: DigestServer,
     pub guard: AuthGuard,
@@ -196,6 +198,10 @@ impl SipService {
         match result {
             Ok(bindings) => {
                 self.dirty.mark(&aor);
+                if let Some(m) = self.messaging.get().filter(|_| !bindings.is_empty()) {
+                    // Store-and-forward: a phone that (re)registers gets what waited for it.
+                    m.kick_delivery(crate::messaging::Owner::Extension(aor.clone()));
+                }
                 let mut resp = Response::to(&tx.request, 200);
                 for b in &bindings {
                     resp.headers.push("Contact", contact_value(b, now));
@@ -218,6 +224,31 @@ impl SipService {
                 self.reply(tx, resp);
             }
         }
+    }
+}
+
+impl SipService {
+    /// A MESSAGE: a trunk peer by its source address (never challenged), else an extension by
+    /// digest, as for REGISTER.
+    fn on_message(&self, tx: ServerTx) {
+        let Some(messaging) = self.messaging.get() else {
+            let resp = Response::to(&tx.request, 503).header("Retry-After", "5");
+            return self.reply(tx, resp);
+        };
+        let ip = tx.flow.remote.ip();
+        let trunk = messaging
+            .settings
+            .trunks
+            .iter()
+            .find(|t| t.allow.iter().any(|net| net.contains(&ip)));
+        if let Some(t) = trunk {
+            return messaging
+                .on_sip_message(tx, crate::messaging::OwnedSource::Trunk(t.name.clone()));
+        }
+        let Ok((tx, user)) = self.authenticate(tx) else {
+            return;
+        };
+        messaging.on_sip_message(tx, crate::messaging::OwnedSource::Extension(user));
     }
 }
 
@@ -246,6 +277,7 @@ impl Handler for SipService {
         }
         match tx.request.method {
             Method::Register => self.on_register(tx),
+            Method::Message => self.on_message(tx),
             Method::Options => {
                 let resp = Response::to(&tx.request, 200)
                     .header("Allow", ALLOW)

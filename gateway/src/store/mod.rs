@@ -4,7 +4,7 @@
 //! status and `next_attempt_at` say which queue it is in), opt-outs, webhook tokens, seen
 //! webhooks and media.
 
-mod sqlite;
+pub mod sqlite;
 
 pub use sqlite::SqliteStore;
 
@@ -337,8 +337,25 @@ pub trait Store: Send + Sync + 'static {
         seen_before: i64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
+    /// Whether an outbound message already carries this Twilio SID.
+    fn sid_known(&self, sid: String) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Makes every leased outbound message due now (at start: no other process holds leases).
+    fn release_outbound_leases(
+        &self,
+        now: i64,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Outbound messages queued, inbound messages waiting, and the oldest waiting one's time.
+    fn queue_stats(
+        &self,
+    ) -> impl Future<Output = Result<(u64, u64, Option<i64>), StoreError>> + Send;
+
     /// Inbound messages still waiting for an extension (its mailbox size).
-    fn pending_count(&self, extension: String) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    fn pending_count(
+        &self,
+        extension: String,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Outbound messages sent today (UTC) by an extension, for the daily quota after a restart.
     fn count_outbound_since(

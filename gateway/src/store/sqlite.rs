@@ -682,6 +682,42 @@ impl Store for SqliteStore {
         .await
     }
 
+    async fn sid_known(&self, sid: String) -> Result<bool, StoreError> {
+        self.run(move |conn| {
+            Ok(conn
+                .prepare_cached(
+                    "SELECT 1 FROM messages WHERE twilio_sid = ?1 AND direction = 'outbound'",
+                )?
+                .exists([sid])?)
+        })
+        .await
+    }
+
+    async fn release_outbound_leases(&self, now: i64) -> Result<(), StoreError> {
+        self.run(move |conn| {
+            conn.execute(
+                "UPDATE messages SET next_attempt_at = ?1 WHERE direction = 'outbound' AND in_doubt = 1 AND next_attempt_at > ?1",
+                [now],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn queue_stats(&self) -> Result<(u64, u64, Option<i64>), StoreError> {
+        self.run(move |conn| {
+            Ok(conn.query_row(
+                "SELECT
+                    (SELECT COUNT(*) FROM messages WHERE direction = 'outbound' AND next_attempt_at IS NOT NULL),
+                    (SELECT COUNT(*) FROM messages WHERE direction = 'inbound' AND next_attempt_at IS NOT NULL),
+                    (SELECT MIN(created_at) FROM messages WHERE direction = 'inbound' AND next_attempt_at IS NOT NULL)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?)
+        })
+        .await
+    }
+
     async fn pending_count(&self, extension: String) -> Result<u64, StoreError> {
         self.run(move |conn| {
             Ok(conn.query_row(

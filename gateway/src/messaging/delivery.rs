@@ -1,0 +1,412 @@
+//! Delivery over SIP with store-and-forward: a MESSAGE to every registered contact of an
+//! extension (or to a trunk), over the flow each contact registered on; in order, one message at a
+//! time per extension; kept until a contact takes it, it fails for good, or it expires.
+
+use super::{now_ms, Messaging, Owner};
+use crate::metrics::CodeLabel;
+use crate::store::{Kind, Message, Store, Update};
+use smsgw_rules::MessageStatus;
+use smsgw_sip::uri::SipUri;
+use smsgw_sip::{Flow, Headers, Method, Request, Transport};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// RFC 3428 §8: larger MESSAGEs must not go over UDP.
+const MAX_UDP_MESSAGE: usize = 1300;
+
+#[derive(Debug)]
+enum Delivery {
+    Delivered(Vec<u16>),
+    /// A permanent refusal from every contact (403, 404, 415, 488, …).
+    Failed(Vec<u16>),
+    /// Nobody to deliver to, or only temporary failures (408, 480, 503, no answer).
+    Later(Vec<u16>),
+}
+
+fn permanent(code: u16) -> bool {
+    (400..500).contains(&code) && !matches!(code, 401 | 407 | 408 | 423 | 480 | 486 | 491)
+}
+
+/// Splits `text` into chunks of at most `max` bytes on character boundaries.
+fn chunks(text: &str, max: usize) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    for c in text.chars() {
+        if current.len() + c.len_utf8() > max && !current.is_empty() {
+            out.push(std::mem::take(&mut current));
+        }
+        current.push(c);
+    }
+    if !current.is_empty() || out.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+impl Messaging {
+    /// Starts delivering `owner`'s inbox unless a run is already under way (it is then told to
+    /// look again before it stops).
+    pub fn kick_delivery(&self, owner: Owner) {
+        if !self.delivering.insert(owner.clone()) {
+            self.redeliver.insert(owner);
+            return;
+        }
+        let Some(this) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            self.delivering.remove(&owner);
+            return;
+        };
+        tokio::spawn(async move {
+            loop {
+                this.deliver_owner(&owner).await;
+                if this.redeliver.remove(&owner).is_none() {
+                    this.delivering.remove(&owner);
+                    // A kick between the check and the removal set `redeliver` again.
+                    if this.redeliver.remove(&owner).is_none()
+                        || !this.delivering.insert(owner.clone())
+                    {
+                        break;
+                    }
+                }
+            }
+        });
+    }
+
+    async fn deliver_owner(&self, owner: &Owner) {
+        let (extension, trunk) = owner.columns();
+        loop {
+            let batch = match self
+                .store
+                .pending_inbound(extension.clone(), trunk.clone(), 50)
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read an inbox");
+                    return;
+                }
+            };
+            let full = batch.len() == 50;
+            for m in batch {
+                let now = now_ms();
+                if m.expires_at.is_some_and(|t| now >= t) {
+                    self.close(
+                        &m,
+                        MessageStatus::Expired,
+                        serde_json::json!({"error": "expired before delivery"}),
+                    )
+                    .await;
+                    continue;
+                }
+                match self.deliver_one(&m, owner).await {
+                    Delivery::Delivered(codes) => {
+                        self.close(
+                            &m,
+                            MessageStatus::Delivered,
+                            serde_json::json!({"sip": codes}),
+                        )
+                        .await;
+                    }
+                    Delivery::Failed(codes) => {
+                        self.close(&m, MessageStatus::Failed, serde_json::json!({"sip": codes}))
+                            .await;
+                    }
+                    Delivery::Later(codes) => {
+                        // Order per extension: nothing behind this message goes first.
+                        let retry = self.settings.messaging.inbox_retry_secs as i64 * 1000;
+                        let mut meta = m.meta.clone();
+                        meta["sip"] = serde_json::json!(codes);
+                        let update = Update {
+                            next_attempt_at: Some(Some(now_ms() + retry)),
+                            meta: Some(meta),
+                            ..Update::default()
+                        };
+                        let _ = self.store.update_message(m.id, update, now_ms()).await;
+                        return;
+                    }
+                }
+            }
+            if !full {
+                return;
+            }
+        }
+    }
+
+    async fn close(&self, m: &Message, status: MessageStatus, mut detail: serde_json::Value) {
+        if let (Some(links), Some(obj)) = (m.meta.get("links"), detail.as_object_mut()) {
+            obj.insert("links".into(), links.clone());
+        }
+        let update = Update {
+            status: Some(status),
+            next_attempt_at: Some(None),
+            meta: Some(detail),
+            ..Update::default()
+        };
+        if let Err(e) = self.store.update_message(m.id, update, now_ms()).await {
+            tracing::error!(id = m.id, error = %e, "cannot save a delivery result");
+        }
+        self.count(crate::store::Direction::Inbound, status);
+    }
+
+    /// The flows to try: every live binding of the extension, or the trunk's address.
+    async fn targets(&self, owner: &Owner, did: &str) -> Vec<(String, Flow)> {
+        match owner {
+            Owner::Extension(ext) => self
+                .registrar
+                .lookup(ext, tokio::time::Instant::now())
+                .into_iter()
+                .map(|b| (b.contact.to_string(), b.flow))
+                .collect(),
+            Owner::Trunk(name) => {
+                let Some(trunk) = self.settings.trunks.iter().find(|t| &t.name == name) else {
+                    return vec![];
+                };
+                let Some(uri) = SipUri::parse(&trunk.uri) else {
+                    return vec![];
+                };
+                let transport = if uri.transport().as_deref() == Some("tcp") {
+                    Transport::Tcp
+                } else {
+                    Transport::Udp
+                };
+                let host = uri.host.trim_start_matches('[').trim_end_matches(']');
+                let addr = tokio::net::lookup_host((host, uri.port.unwrap_or(5060)))
+                    .await
+                    .ok()
+                    .and_then(|mut a| a.next());
+                let Some(flow) = addr.and_then(|a| self.endpoint.flow_to(transport, a).ok()) else {
+                    return vec![];
+                };
+                let target = format!("sip:{did}@{}:{}", uri.host, uri.port.unwrap_or(5060));
+                vec![(target, flow)]
+            }
+        }
+    }
+
+    /// Fetches an inbound MMS's media from Twilio once, serves it under `public_url`, and
+    /// returns the links (kept in the row's meta for later attempts).
+    async fn media_links(&self, m: &Message) -> Result<Vec<String>, String> {
+        if let Some(links) = m
+            .meta
+            .get("links")
+            .and_then(|l| serde_json::from_value::<Vec<String>>(l.clone()).ok())
+        {
+            return Ok(links);
+        }
+        let index = self
+            .sms_index(&m.sms_config)
+            .ok_or("unknown SMS configuration")?;
+        let mut links = Vec::new();
+        for url in &m.media {
+            let (content_type, data) = self
+                .twilio
+                .fetch_media(
+                    &self.accounts[index],
+                    url,
+                    self.settings.messaging.max_media_bytes,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let token = crate::store::sqlite::new_token();
+            let expires = now_ms() + self.settings.messaging.media_ttl_secs as i64 * 1000;
+            self.store
+                .put_media(token.clone(), content_type, data, expires)
+                .await
+                .map_err(|e| e.to_string())?;
+            links.push(format!(
+                "{}/media/{token}",
+                self.settings.gateway.public_url
+            ));
+        }
+        let mut meta = m.meta.clone();
+        meta["links"] = serde_json::json!(links);
+        let update = Update {
+            meta: Some(meta),
+            ..Update::default()
+        };
+        let _ = self.store.update_message(m.id, update, now_ms()).await;
+        Ok(links)
+    }
+
+    fn build(
+        &self,
+        m: &Message,
+        target: &str,
+        to_user: &str,
+        content_type: &str,
+        body: String,
+    ) -> Request {
+        let domain = &self.settings.gateway.domain;
+        let from = match m.kind {
+            Kind::Notice => {
+                let user = m
+                    .meta
+                    .get("from_user")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or(&self.settings.gateway.system_sender);
+                format!("<sip:{user}@{domain}>;tag={}", smsgw_sip::random_token(10))
+            }
+            _ => format!(
+                "\"{0}\" <sip:{0}@{domain}>;tag={1}",
+                m.remote,
+                smsgw_sip::random_token(10)
+            ),
+        };
+        let mut headers = Headers::new();
+        headers.push("Max-Forwards", "70");
+        headers.push("From", from);
+        headers.push("To", format!("<sip:{to_user}@{domain}>"));
+        headers.push(
+            "Call-ID",
+            format!("{}@{domain}", smsgw_sip::random_token(20)),
+        );
+        headers.push("CSeq", "1 MESSAGE");
+        headers.push("Content-Type", content_type.to_string());
+        if m.kind == Kind::Notice {
+            // Marks gateway-made messages so nothing ever answers them with another notice.
+            headers.push("X-Smsgw-Notice", "1");
+        }
+        Request {
+            method: Method::Message,
+            uri: target.to_string(),
+            headers,
+            body: body.into_bytes().into(),
+        }
+    }
+
+    async fn deliver_one(&self, m: &Message, owner: &Owner) -> Delivery {
+        let targets = self.targets(owner, &m.sender).await;
+        if targets.is_empty() {
+            return Delivery::Later(vec![]);
+        }
+        let mut text = m.body.clone();
+        if !m.media.is_empty() {
+            match self.media_links(m).await {
+                Ok(links) => {
+                    for l in links {
+                        if !text.is_empty() {
+                            text.push('\n');
+                        }
+                        text.push_str(&l);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(id = m.id, error = %e, "cannot fetch MMS media from Twilio; will retry");
+                    return Delivery::Later(vec![]);
+                }
+            }
+        }
+        match m.kind {
+            Kind::OptOut => text.push_str(&format!(
+                "\n[{} opted out of texts from {}]",
+                m.remote, m.sender
+            )),
+            Kind::OptIn => text.push_str(&format!(
+                "\n[{} opted back in to texts from {}]",
+                m.remote, m.sender
+            )),
+            _ => {}
+        }
+        let content_type = m
+            .meta
+            .get("content_type")
+            .and_then(|v| v.as_str())
+            .unwrap_or("text/plain;charset=UTF-8")
+            .to_string();
+        let to_user = match owner {
+            Owner::Extension(e) => e.clone(),
+            Owner::Trunk(_) => m.sender.clone(),
+        };
+        let mut tasks = tokio::task::JoinSet::new();
+        for (target, flow) in targets {
+            let probe = self.build(m, &target, &to_user, &content_type, String::new());
+            let overhead = probe.to_bytes().len() + 120; // room for the Via the endpoint adds
+            let parts = if flow.transport == Transport::Udp
+                && overhead + text.len() > MAX_UDP_MESSAGE
+                && content_type.starts_with("text/plain")
+            {
+                chunks(&text, MAX_UDP_MESSAGE.saturating_sub(overhead).max(200))
+            } else {
+                vec![text.clone()]
+            };
+            let requests: Vec<Request> = parts
+                .into_iter()
+                .map(|p| self.build(m, &target, &to_user, &content_type, p))
+                .collect();
+            let endpoint = self.endpoint.clone();
+            tasks.spawn(async move {
+                let mut code = 0;
+                for req in requests {
+                    code = match endpoint.send_request(req, flow).await {
+                        Ok(resp) => resp.code,
+                        Err(_) => 0,
+                    };
+                    if !(200..300).contains(&code) {
+                        break;
+                    }
+                }
+                code
+            });
+        }
+        let mut codes = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            let code = r.unwrap_or(0);
+            self.metrics
+                .deliveries
+                .get_or_create(&CodeLabel {
+                    code: i64::from(code),
+                })
+                .inc();
+            codes.push(code);
+        }
+        if codes.iter().any(|c| (200..300).contains(c)) {
+            Delivery::Delivered(codes)
+        } else if codes.iter().all(|c| permanent(*c)) {
+            Delivery::Failed(codes)
+        } else {
+            Delivery::Later(codes)
+        }
+    }
+
+    /// Retries inboxes whose next attempt is due, until cancelled.
+    pub async fn inbox_loop(self: Arc<Self>, cancel: CancellationToken) {
+        let period =
+            Duration::from_secs((self.settings.messaging.inbox_retry_secs / 4).clamp(1, 15));
+        loop {
+            match self.store.due_inbound_owners(now_ms()).await {
+                Ok(owners) => {
+                    for (e, t) in owners {
+                        if let Some(owner) = Owner::from_columns(e, t) {
+                            self.kick_delivery(owner);
+                        }
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot read the inboxes"),
+            }
+            self.refresh_gauges().await;
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = cancel.cancelled() => return,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunking_keeps_characters_whole() {
+        assert_eq!(chunks("abcdef", 4), vec!["abcd", "ef"]);
+        assert_eq!(chunks("ééé", 4), vec!["éé", "é"]);
+        assert_eq!(chunks("", 4), vec![""]);
+        assert!(
+            permanent(404)
+                && permanent(415)
+                && !permanent(480)
+                && !permanent(408)
+                && !permanent(503)
+        );
+    }
+}
