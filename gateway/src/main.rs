@@ -186,9 +186,9 @@ fn main() -> ExitCode {
             match runtime.block_on(smsgw::app::run(settings, shutdown_signal())) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    let e = anyhow::Error::from(e);
-                    tracing::error!("{e:#}");
-                    eprintln!("smsgw: {e:#}");
+                    // The messages already carry their cause; no chain to print.
+                    tracing::error!("{e}");
+                    eprintln!("smsgw: {e}");
                     ExitCode::FAILURE
                 }
             }

@@ -2,16 +2,24 @@
 # A SIP user agent built on Net::SIP (libnet-sip-perl), driven by smsgw's black-box tests.
 #
 #   netsip-ua.pl register USER PASSWORD DOMAIN REGISTRAR_HOST:PORT LOCAL_HOST:PORT EXPIRES [udp|tcp]
-#
-# Prints "REGISTER ok code=200 contacts=N" or "REGISTER failed code=NNN" and exits 0 or 1.
+#       Prints "REGISTER ok code=200 contacts=N" or "REGISTER failed code=NNN"; exits 0 or 1.
+#   netsip-ua.pl reglisten USER PASSWORD DOMAIN REGISTRAR_HOST:PORT LOCAL_HOST:PORT SECONDS CODE [udp|tcp]
+#       Registers, then answers every MESSAGE with CODE for SECONDS, printing
+#       "MESSAGE from=<From> ct=<Content-Type> body=<body, newlines as \n>" for each.
 use strict;
 use warnings;
 use Net::SIP;
 
 my ($cmd, $user, $password, $domain, $registrar, $local, $expires, $proto) = @ARGV;
-die "usage: $0 register USER PASSWORD DOMAIN REGISTRAR LOCAL EXPIRES [udp|tcp]\n"
-    unless defined $expires && $cmd eq 'register';
+die "usage: see the comment at the top of $0\n"
+    unless defined $expires && ($cmd eq 'register' || $cmd eq 'reglisten');
+my ($seconds, $answer) = (0, 200);
+if ($cmd eq 'reglisten') {
+    ($seconds, $answer, $proto) = ($expires, $proto, $ARGV[8]);
+    $expires = 300;
+}
 $proto ||= 'udp';
+$| = 1;
 
 my $leg = Net::SIP::Leg->new(addr => $local, proto => $proto)
     or die "cannot create a $proto leg on $local: $!\n";
@@ -30,10 +38,27 @@ $ua->register(
 $ua->loop(10, \$status);
 
 my $code = $info{code} // ($info{packet} ? $info{packet}->code : 'none');
-if (($status // '') eq 'OK') {
-    my @contacts = $info{packet}->get_header('contact');
-    printf "REGISTER ok code=%s contacts=%d\n", $info{packet}->code, scalar @contacts;
-    exit 0;
+if (($status // '') ne 'OK') {
+    print "REGISTER failed code=$code\n";
+    exit 1;
 }
-print "REGISTER failed code=$code\n";
-exit 1;
+my @contacts = $info{packet}->get_header('contact');
+printf "REGISTER ok code=%s contacts=%d\n", $info{packet}->code, scalar @contacts;
+exit 0 if $cmd eq 'register';
+
+$ua->{endpoint}->set_application(sub {
+    my ($endpoint, $ctx, $request, $leg, $from) = @_;
+    my $reason = $answer == 200 ? 'OK' : 'Temporarily Unavailable';
+    if ($request->method eq 'MESSAGE') {
+        my $body = $request->content // '';
+        $body =~ s/\r?\n/\\n/g;
+        printf "MESSAGE from=%s ct=%s body=%s\n",
+            scalar $request->get_header('from'), scalar($request->get_header('content-type')) // '', $body;
+        $endpoint->new_response($ctx, $request->create_response($answer, $reason), $leg, $from);
+    } else {
+        $endpoint->new_response($ctx, $request->create_response(405, 'Method Not Allowed'), $leg, $from);
+    }
+    $endpoint->close_context($ctx);
+});
+$ua->loop($seconds);
+exit 0;

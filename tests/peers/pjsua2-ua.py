@@ -2,10 +2,13 @@
 """A SIP user agent built on pjsip (PyPI pjsua2-python), driven by smsgw's black-box tests.
 
     pjsua2-ua.py --user 101 --password pw --domain 127.0.0.1 --registrar 127.0.0.1:5060 \
-        [--transport udp|tcp] [--expires 300] [--keep]
+        [--transport udp|tcp] [--expires 300] [--keep] [--send URI TEXT] [--content-type T]
+        [--listen SECONDS]
 
-Registers, prints "REGISTER -> <code> <reason>" and exits 0 on 2xx, 1 otherwise. Without --keep
-it unregisters on the way out, as a phone does when it is switched off.
+Registers, prints "REGISTER -> <code> <reason>". With --send, sends a MESSAGE and prints
+"MESSAGE -> <code> <reason>". With --listen, prints "RECEIVED from=<uri> ct=<type> body=<text>"
+for each MESSAGE that arrives within SECONDS. Exits 0 when registration (and the send) got a 2xx.
+Without --keep it unregisters on the way out, as a phone does when it is switched off.
 """
 import argparse
 import sys
@@ -19,10 +22,18 @@ class Account(pj.Account):
         super().__init__()
         self.code = None
         self.reason = ""
+        self.sent = None
 
     def onRegState(self, prm):
         self.code = prm.code
         self.reason = prm.reason
+
+    def onInstantMessage(self, prm):
+        body = prm.msgBody.replace("\r", "").replace("\n", "\\n")
+        print(f"RECEIVED from={prm.fromUri} ct={prm.contentType} body={body}", flush=True)
+
+    def onInstantMessageStatus(self, prm):
+        self.sent = (prm.code, prm.reason)
 
 
 def main():
@@ -35,6 +46,9 @@ def main():
     ap.add_argument("--expires", type=int, default=300)
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--keep", action="store_true", help="exit without unregistering")
+    ap.add_argument("--send", nargs=2, metavar=("URI", "TEXT"))
+    ap.add_argument("--content-type", default="text/plain")
+    ap.add_argument("--listen", type=float, default=0.0)
     args = ap.parse_args()
 
     ep = pj.Endpoint()
@@ -65,12 +79,31 @@ def main():
         ep.libHandleEvents(20)
     code, reason = acc.code, acc.reason
     print(f"REGISTER -> {code} {reason}", flush=True)
+    ok = code is not None and 200 <= code < 300
+    if ok and args.send:
+        buddy = pj.Buddy()
+        bcfg = pj.BuddyConfig()
+        bcfg.uri = args.send[0]
+        buddy.create(acc, bcfg)
+        prm = pj.SendInstantMessageParam()
+        prm.content = args.send[1]
+        prm.contentType = args.content_type
+        buddy.sendInstantMessage(prm)
+        deadline = time.time() + 40
+        while acc.sent is None and time.time() < deadline:
+            ep.libHandleEvents(20)
+        sent = acc.sent or (None, "no answer")
+        print(f"MESSAGE -> {sent[0]} {sent[1]}", flush=True)
+        ok = sent[0] is not None and 200 <= sent[0] < 300
+    deadline = time.time() + args.listen
+    while time.time() < deadline:
+        ep.libHandleEvents(20)
     if args.keep:
         ep.libDestroy(pj.PJSUA_DESTROY_NO_NETWORK)
     else:
         acc.shutdown()
         ep.libDestroy()
-    sys.exit(0 if code is not None and 200 <= code < 300 else 1)
+    sys.exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

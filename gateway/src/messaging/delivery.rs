@@ -132,9 +132,18 @@ impl Messaging {
         }
     }
 
-    async fn close(&self, m: &Message, status: MessageStatus, mut detail: serde_json::Value) {
-        if let (Some(links), Some(obj)) = (m.meta.get("links"), detail.as_object_mut()) {
-            obj.insert("links".into(), links.clone());
+    async fn close(
+        &self,
+        m: &Message,
+        status: MessageStatus,
+        mut detail: serde_json::Value,
+        links: Option<Vec<String>>,
+    ) {
+        let links = links
+            .map(serde_json::Value::from)
+            .or_else(|| m.meta.get("links").cloned());
+        if let (Some(links), Some(obj)) = (links, detail.as_object_mut()) {
+            obj.insert("links".into(), links);
         }
         let update = Update {
             status: Some(status),
@@ -274,25 +283,28 @@ impl Messaging {
         }
     }
 
-    async fn deliver_one(&self, m: &Message, owner: &Owner) -> Delivery {
+    /// Delivers one message; also returns the media links it made, if any.
+    async fn deliver_one(&self, m: &Message, owner: &Owner) -> (Delivery, Option<Vec<String>>) {
         let targets = self.targets(owner, &m.sender).await;
         if targets.is_empty() {
-            return Delivery::Later(vec![]);
+            return (Delivery::Later(vec![]), None);
         }
         let mut text = m.body.clone();
+        let mut made_links = None;
         if !m.media.is_empty() {
             match self.media_links(m).await {
                 Ok(links) => {
-                    for l in links {
+                    for l in &links {
                         if !text.is_empty() {
                             text.push('\n');
                         }
-                        text.push_str(&l);
+                        text.push_str(l);
                     }
+                    made_links = Some(links);
                 }
                 Err(e) => {
                     tracing::warn!(id = m.id, error = %e, "cannot fetch MMS media from Twilio; will retry");
-                    return Delivery::Later(vec![]);
+                    return (Delivery::Later(vec![]), None);
                 }
             }
         }
@@ -359,13 +371,14 @@ impl Messaging {
                 .inc();
             codes.push(code);
         }
-        if codes.iter().any(|c| (200..300).contains(c)) {
+        let result = if codes.iter().any(|c| (200..300).contains(c)) {
             Delivery::Delivered(codes)
         } else if codes.iter().all(|c| permanent(*c)) {
             Delivery::Failed(codes)
         } else {
             Delivery::Later(codes)
-        }
+        };
+        (result, made_links)
     }
 
     /// Retries inboxes whose next attempt is due, until cancelled.

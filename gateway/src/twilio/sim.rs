@@ -67,6 +67,8 @@ pub struct Recorded {
     pub auth_user: Option<String>,
     pub form: Vec<(String, String)>,
     pub status: u16,
+    /// Unix milliseconds when the request arrived.
+    pub at_ms: u128,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -209,6 +211,9 @@ impl SimState {
             auth_user: basic_user(headers).map(|(u, _)| u),
             form: form.to_vec(),
             status,
+            at_ms: SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis()),
         });
     }
 
