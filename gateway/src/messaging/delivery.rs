@@ -94,22 +94,30 @@ impl Messaging {
                         &m,
                         MessageStatus::Expired,
                         serde_json::json!({"error": "expired before delivery"}),
+                        None,
                     )
                     .await;
                     continue;
                 }
-                match self.deliver_one(&m, owner).await {
+                let (result, links) = self.deliver_one(&m, owner).await;
+                match result {
                     Delivery::Delivered(codes) => {
                         self.close(
                             &m,
                             MessageStatus::Delivered,
                             serde_json::json!({"sip": codes}),
+                            links,
                         )
                         .await;
                     }
                     Delivery::Failed(codes) => {
-                        self.close(&m, MessageStatus::Failed, serde_json::json!({"sip": codes}))
-                            .await;
+                        self.close(
+                            &m,
+                            MessageStatus::Failed,
+                            serde_json::json!({"sip": codes}),
+                            links,
+                        )
+                        .await;
                     }
                     Delivery::Later(codes) => {
                         // Order per extension: nothing behind this message goes first.
