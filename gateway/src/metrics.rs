@@ -219,6 +219,17 @@ impl Metrics {
         Self { registry, ..m }
     }
 
+    /// Sends a SIP final response and counts it by method and status.
+    pub fn respond(&self, tx: smsgw_sip::ServerTx, resp: smsgw_sip::Response) {
+        self.sip_responses
+            .get_or_create(&ResponseLabel {
+                method: method_label(&tx.request.method),
+                code: resp.code,
+            })
+            .inc();
+        tx.respond(resp);
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)

@@ -1,7 +1,7 @@
 //! The SIP side of the gateway: digest authentication, the REGISTER handler, OPTIONS, and the
 //! write-behind that keeps registrations in the store.
 
-use crate::metrics::{method_label, Metrics, ReasonLabel, ResponseLabel};
+use crate::metrics::{method_label, Metrics, ReasonLabel};
 use crate::store::{Store, StoredBinding};
 use smsgw_sip::digest::{Algorithm, DigestCredentials, DigestServer, RejectReason, Verdict};
 use smsgw_sip::guard::AuthGuard;
@@ -64,14 +64,7 @@ pub struct SipService {
 
 impl SipService {
     fn reply(&self, tx: ServerTx, resp: Response) {
-        self.metrics
-            .sip_responses
-            .get_or_create(&ResponseLabel {
-                method: method_label(&tx.request.method),
-                code: resp.code,
-            })
-            .inc();
-        tx.respond(resp);
+        self.metrics.respond(tx, resp);
     }
 
     fn challenge(&self, tx: ServerTx, stale: bool) {

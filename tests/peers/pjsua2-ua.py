@@ -35,6 +35,9 @@ class Account(pj.Account):
     def onInstantMessageStatus(self, prm):
         self.sent = (prm.code, prm.reason)
 
+    def onTypingIndication(self, prm):
+        pass
+
 
 def main():
     ap = argparse.ArgumentParser()
@@ -85,16 +88,23 @@ def main():
         bcfg = pj.BuddyConfig()
         bcfg.uri = args.send[0]
         buddy.create(acc, bcfg)
-        prm = pj.SendInstantMessageParam()
-        prm.content = args.send[1]
-        prm.contentType = args.content_type
-        buddy.sendInstantMessage(prm)
-        deadline = time.time() + 40
-        while acc.sent is None and time.time() < deadline:
+        if args.content_type == "typing":
+            # An RFC 3994 isComposing MESSAGE, as pjsip sends while the user types.
+            prm = pj.SendTypingIndicationParam()
+            prm.isTyping = True
+            buddy.sendTypingIndication(prm)
+            acc.sent = ("typing", "sent")
+        else:
+            prm = pj.SendInstantMessageParam()
+            prm.content = args.send[1]
+            prm.contentType = args.content_type
+            buddy.sendInstantMessage(prm)
+        deadline = time.time() + (1 if args.content_type == "typing" else 40)
+        while (acc.sent is None or acc.sent[0] == "typing") and time.time() < deadline:
             ep.libHandleEvents(20)
         sent = acc.sent or (None, "no answer")
         print(f"MESSAGE -> {sent[0]} {sent[1]}", flush=True)
-        ok = sent[0] is not None and 200 <= sent[0] < 300
+        ok = sent[0] == "typing" or (isinstance(sent[0], int) and 200 <= sent[0] < 300)
     deadline = time.time() + args.listen
     while time.time() < deadline:
         ep.libHandleEvents(20)

@@ -107,7 +107,7 @@ impl Messaging {
                 "Service Unavailable (too many messages in flight)",
             )
             .header("Retry-After", "5");
-            tx.respond(resp);
+            self.respond(tx, resp);
             return;
         };
         let this = self.clone();
@@ -127,7 +127,7 @@ impl Messaging {
         let out = match content {
             Ok(Content::Ignore) => {
                 let resp = Response::to(req, 200);
-                return tx.respond(resp);
+                return self.respond(tx, resp);
             }
             Ok(Content::Text(out)) => out,
             Err(r) => {
@@ -143,7 +143,7 @@ impl Messaging {
                 if r.status == 415 {
                     resp.headers.push("Accept", crate::content::ACCEPT);
                 }
-                return tx.respond(resp);
+                return self.respond(tx, resp);
             }
         };
         let dialed = SipUri::parse(&req.uri)
@@ -166,13 +166,13 @@ impl Messaging {
                 if let Some(after) = r.retry_after {
                     resp.headers.push("Retry-After", after.to_string());
                 }
-                return tx.respond(resp);
+                return self.respond(tx, resp);
             }
         };
         match answer {
             AnswerMode::OnStore => {
                 let resp = Response::to(&tx.request, 202);
-                tx.respond(resp);
+                self.respond(tx, resp);
                 self.send_in_order(messages, None, true).await;
             }
             AnswerMode::AfterTwilio => {
@@ -202,10 +202,15 @@ impl Messaging {
                     // Accepted, or still trying: the outbox has it either way.
                     _ => Response::to(&tx.request, 202),
                 };
-                tx.respond(resp);
+                self.respond(tx, resp);
                 let _ = sending.await;
             }
         }
+    }
+
+    /// Answers a MESSAGE and counts the answer, like every other SIP response.
+    fn respond(&self, tx: ServerTx, resp: Response) {
+        self.metrics.respond(tx, resp);
     }
 
     fn answer_mode(&self, source: &OwnedSource) -> AnswerMode {
