@@ -282,7 +282,8 @@ mod tests {
 
     #[test]
     fn content_types() {
-        let cases: Vec<(Option<&str>, &[u8], Result<&str, u16>)> = vec![
+        type Case<'a> = (Option<&'a str>, &'a [u8], Result<&'a str, u16>);
+        let cases: Vec<Case> = vec![
             (
                 Some("text/plain;charset=UTF-8"),
                 "héllo".as_bytes(),

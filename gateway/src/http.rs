@@ -88,10 +88,13 @@ pub fn admin_router(state: AdminState) -> Router {
 }
 
 /// The messaging pipelines, or a 503 naming why they are absent.
-fn messaging(s: &AdminState) -> Result<&Arc<Messaging>, Response> {
-    s.messaging
-        .as_ref()
-        .ok_or_else(|| error(StatusCode::SERVICE_UNAVAILABLE, "messaging is not running"))
+fn messaging(s: &AdminState) -> Result<&Arc<Messaging>, Box<Response>> {
+    s.messaging.as_ref().ok_or_else(|| {
+        Box::new(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "messaging is not running",
+        ))
+    })
 }
 
 #[derive(Serialize)]
@@ -169,7 +172,7 @@ async fn list_messages(
     }
     let m = match messaging(&s) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Query(q) = match query {
         Ok(q) => q,
@@ -219,7 +222,7 @@ async fn get_message(
     }
     let m = match messaging(&s) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match m.store.message(id).await {
         Ok(Some(msg)) => Json(MessageView::from(msg)).into_response(),
@@ -250,7 +253,7 @@ async fn send_message(
     }
     let m = match messaging(&s) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let Json(b) = match body {
         Ok(b) => b,
@@ -312,7 +315,7 @@ async fn sms_configs(State(s): State<AdminState>, headers: HeaderMap) -> Respons
     }
     let m = match messaging(&s) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let list: Vec<SmsConfigView> = m
         .settings
@@ -344,7 +347,7 @@ async fn rotate_webhook(
     }
     let m = match messaging(&s) {
         Ok(m) => m,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     match m.rotate_token(&name).await {
         Ok(Some(url)) => {

@@ -9,6 +9,8 @@
 use strict;
 use warnings;
 use Net::SIP;
+use Net::SIP::Debug;
+Net::SIP::Debug->level($ENV{NETSIP_DEBUG}) if $ENV{NETSIP_DEBUG};
 
 my ($cmd, $user, $password, $domain, $registrar, $local, $expires, $proto) = @ARGV;
 die "usage: see the comment at the top of $0\n"
@@ -50,7 +52,7 @@ $ua->{endpoint}->set_application(sub {
     my ($endpoint, $ctx, $request, $leg, $from) = @_;
     my $reason = $answer == 200 ? 'OK' : 'Temporarily Unavailable';
     if ($request->method eq 'MESSAGE') {
-        my $body = $request->content // '';
+        my $body = ($request->as_parts)[3] // "";
         $body =~ s/\r?\n/\\n/g;
         printf "MESSAGE from=%s ct=%s body=%s\n",
             scalar $request->get_header('from'), scalar($request->get_header('content-type')) // '', $body;

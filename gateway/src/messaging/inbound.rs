@@ -12,6 +12,9 @@ use smsgw_rules::optout::{self, Keyword};
 use smsgw_rules::{MessageStatus, E164};
 use std::sync::Arc;
 
+/// Decoded form parameters, in order, repeated keys kept.
+type Params = Vec<(String, String)>;
+
 const EMPTY_TWIML: &str = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Response></Response>";
 
 /// Which Twilio-facing route a request came to.
@@ -64,14 +67,14 @@ impl Messaging {
         headers: &HeaderMap,
         body: &[u8],
         source: &str,
-    ) -> Result<(usize, Vec<(String, String)>), Response> {
+    ) -> Result<(usize, Params), Box<Response>> {
         let Some(index) = self.config_for_token(token) else {
-            return Err(self.refuse(
+            return Err(Box::new(self.refuse(
                 "unknown_token",
                 StatusCode::NOT_FOUND,
                 "unknown webhook token",
                 source,
-            ));
+            )));
         };
         let sms = &self.settings.sms[index];
         let mut url = format!(
@@ -100,37 +103,36 @@ impl Messaging {
         if sig.is_empty()
             || !signature::validate(sms.auth_token.expose(), &url, &params, json_body, sig)
         {
-            return Err(self.refuse(
+            return Err(Box::new(self.refuse(
                 "bad_signature",
                 StatusCode::FORBIDDEN,
                 "missing or wrong X-Twilio-Signature",
                 source,
-            ));
+            )));
         }
         let params = if is_json {
             let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
             v.as_object()
                 .into_iter()
                 .flatten()
-                .filter_map(|(k, v)| {
-                    Some((
-                        k.clone(),
-                        v.as_str()
-                            .map(str::to_string)
-                            .unwrap_or_else(|| v.to_string()),
-                    ))
+                .map(|(k, v)| {
+                    let value = v
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string());
+                    (k.clone(), value)
                 })
                 .collect()
         } else {
             params
         };
         if get(&params, "AccountSid") != Some(sms.account_sid.as_str()) {
-            return Err(self.refuse(
+            return Err(Box::new(self.refuse(
                 "wrong_account",
                 StatusCode::FORBIDDEN,
                 "AccountSid is not this configuration's",
                 source,
-            ));
+            )));
         }
         Ok((index, params))
     }
@@ -145,7 +147,7 @@ impl Messaging {
     ) -> Response {
         let params = match self.verify_hook(Hook::Status, token, query, headers, body, source) {
             Ok((_, p)) => p,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         self.metrics
             .webhooks
@@ -167,7 +169,7 @@ impl Messaging {
         let (index, params) = match self.verify_hook(Hook::Sms, token, query, headers, body, source)
         {
             Ok(v) => v,
-            Err(r) => return r,
+            Err(r) => return *r,
         };
         let sms = &self.settings.sms[index];
         let (Some(sid), Some(from), Some(to)) = (

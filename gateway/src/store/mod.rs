@@ -206,6 +206,9 @@ pub enum Recorded {
     Duplicate,
 }
 
+/// An inbox's owner as stored: (extension, trunk), one of them set.
+pub type OwnerColumns = (Option<String>, Option<String>);
+
 pub trait Store: Send + Sync + 'static {
     /// Replaces the stored bindings of each listed address-of-record (an empty list deletes
     /// them), all in one transaction.
@@ -276,7 +279,7 @@ pub trait Store: Send + Sync + 'static {
     fn due_inbound_owners(
         &self,
         now: i64,
-    ) -> impl Future<Output = Result<Vec<(Option<String>, Option<String>)>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Vec<OwnerColumns>, StoreError>> + Send;
 
     fn message(&self, id: i64) -> impl Future<Output = Result<Option<Message>, StoreError>> + Send;
 

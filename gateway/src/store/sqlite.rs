@@ -507,10 +507,7 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn due_inbound_owners(
-        &self,
-        now: i64,
-    ) -> Result<Vec<(Option<String>, Option<String>)>, StoreError> {
+    async fn due_inbound_owners(&self, now: i64) -> Result<Vec<super::OwnerColumns>, StoreError> {
         self.run(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "SELECT DISTINCT extension, trunk FROM messages
