@@ -57,7 +57,7 @@ enum Command {
         apply: bool,
     },
     /// Run the Twilio stand-in, or make it post an inbound SMS.
-    TwilioSim(smsgw::cli::SimArgs),
+    TwilioSim(Box<smsgw::cli::SimArgs>),
 }
 
 /// Exit status for a configuration that does not validate (EX_CONFIG).
@@ -166,7 +166,7 @@ fn main() -> ExitCode {
                         .unwrap_or_else(|_| "info".into()),
                 )
                 .init();
-            exit(block_on(smsgw::cli::twilio_sim(args)))
+            exit(block_on(smsgw::cli::twilio_sim(*args)))
         }
         Command::Run { config, log_json } => {
             let settings = match load(&config) {
