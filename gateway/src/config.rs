@@ -913,10 +913,10 @@ fn validate(raw: RawConfig, problems: &mut Vec<Problem>) -> Settings {
         let api_base = c
             .check(key("api_base"), parse_http_url(&m.api_base))
             .unwrap_or_default();
-        if !(m.messages_per_second > 0.0 && m.messages_per_second <= 10_000.0) {
+        if !(m.messages_per_second > 0.0 && m.messages_per_second <= 1_000_000.0) {
             c.push(
                 key("messages_per_second"),
-                "must be above 0 and at most 10000",
+                "must be above 0 and at most 1000000",
             );
         }
         let validity_secs = m.validity_period.unwrap_or(36_000);

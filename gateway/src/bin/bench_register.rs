@@ -19,7 +19,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use support::{between, cpu_secs, rss_kib};
 use tokio::net::UdpSocket;
+
+mod support;
 
 const REALM: &str = "127.0.0.1";
 const FIRST_EXT: u32 = 1_000_000;
@@ -39,9 +42,7 @@ fn parse_args() -> Args {
         rate: 0,
         window: 400,
         sockets: 32,
-        smsgw: std::env::current_exe()
-            .expect("own path")
-            .with_file_name("smsgw"),
+        smsgw: support::smsgw_path(),
         settle_secs: 35,
     };
     let mut it = std::env::args().skip(1);
@@ -71,34 +72,7 @@ fn sha256(text: &str) -> String {
     hex(&Sha256::digest(text.as_bytes()))
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
-}
 
-/// User + system CPU seconds of a process so far.
-fn cpu_secs(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
 
 fn start_gateway(args: &Args, dir: &std::path::Path) -> (Child, SocketAddr) {
     let mut config = format!(
@@ -172,11 +146,6 @@ fn register(ext: u32, call: u64, cseq: u32, port: u16, auth: Option<&str>) -> Ve
     m.into_bytes()
 }
 
-fn between<'a>(text: &'a str, start: &str, end: char) -> Option<&'a str> {
-    let from = text.find(start)? + start.len();
-    let len = text[from..].find(end)?;
-    Some(&text[from..from + len])
-}
 
 fn authorization(ext: u32, nonce: &str) -> String {
     let ha1 = sha256(&format!("{ext}:{REALM}:pw{}", ext - FIRST_EXT));
@@ -190,13 +159,6 @@ fn authorization(ext: u32, nonce: &str) -> String {
     )
 }
 
-fn percentile(sorted: &[u32], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    f64::from(sorted[i]) / 1000.0
-}
 
 async fn run_load(args: &Args, gw: SocketAddr) -> (Stats, Duration) {
     let total = args.extensions;
@@ -210,13 +172,7 @@ async fn run_load(args: &Args, gw: SocketAddr) -> (Stats, Duration) {
     }));
     let mut sockets = Vec::new();
     for _ in 0..args.sockets {
-        let raw = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)
-            .expect("socket");
-        let _ = raw.set_recv_buffer_size(4 << 20);
-        raw.set_nonblocking(true).expect("nonblocking");
-        raw.bind(&"127.0.0.1:0".parse::<SocketAddr>().expect("addr").into())
-            .expect("bind");
-        let s = Arc::new(UdpSocket::from_std(raw.into()).expect("socket"));
+        let s: Arc<UdpSocket> = Arc::new(support::udp_socket());
         sockets.push(s.clone());
         let (pending, stats, done, window) =
             (pending.clone(), stats.clone(), done.clone(), window.clone());
@@ -359,14 +315,14 @@ fn main() {
     );
     println!(
         "registration latency (challenge + authenticated retry) ms: p50 {:.2}  p99 {:.2}  max {:.2}",
-        percentile(&stats.registrations, 0.5),
-        percentile(&stats.registrations, 0.99),
-        percentile(&stats.registrations, 1.0)
+        support::percentile_ms(&stats.registrations, 0.5),
+        support::percentile_ms(&stats.registrations, 0.99),
+        support::percentile_ms(&stats.registrations, 1.0)
     );
     println!(
         "per-request latency ms: p50 {:.2}  p99 {:.2}",
-        percentile(&stats.requests, 0.5),
-        percentile(&stats.requests, 0.99)
+        support::percentile_ms(&stats.requests, 0.5),
+        support::percentile_ms(&stats.requests, 0.99)
     );
     println!(
         "CPU seconds during the load: gateway {gw_cpu:.2}, load generator {own_cpu:.2} (wall {:.2})",

@@ -73,6 +73,9 @@ pub struct Messaging {
     in_flight: Arc<Semaphore>,
     delivering: dashmap::DashSet<Owner>,
     redeliver: dashmap::DashSet<Owner>,
+    /// (recipient, sender) pairs that opted out: mirrors the store, so the check per outbound
+    /// message costs no database round trip.
+    opt_outs: dashmap::DashSet<(String, String)>,
     /// Itself, for spawning work from `&self` methods.
     me: std::sync::OnceLock<std::sync::Weak<Messaging>>,
 }
@@ -121,6 +124,7 @@ impl Messaging {
             delivering: dashmap::DashSet::new(),
             redeliver: dashmap::DashSet::new(),
             me: std::sync::OnceLock::new(),
+            opt_outs: store.opt_outs().await?.into_iter().collect(),
             settings,
             store,
             endpoint,
@@ -129,6 +133,24 @@ impl Messaging {
         });
         let _ = this.me.set(Arc::downgrade(&this));
         Ok(this)
+    }
+
+    pub fn is_opted_out(&self, remote: &str, sender: &str) -> bool {
+        self.opt_outs.contains(&(remote.to_string(), sender.to_string()))
+    }
+
+    /// Records an opt-out (or opt-in) in the store, then in memory.
+    pub async fn set_opt_out(&self, remote: &str, sender: &str, opted_out: bool, now: i64) -> Result<(), crate::store::StoreError> {
+        self.store
+            .set_opt_out(remote.to_string(), sender.to_string(), opted_out, now)
+            .await?;
+        let key = (remote.to_string(), sender.to_string());
+        if opted_out {
+            self.opt_outs.insert(key);
+        } else {
+            self.opt_outs.remove(&key);
+        }
+        Ok(())
     }
 
     fn sms_index(&self, name: &str) -> Option<usize> {

@@ -460,22 +460,8 @@ impl Messaging {
                 ));
             }
         }
-        match self
-            .store
-            .is_opted_out(to.to_string(), sender.label().to_string())
-            .await
-        {
-            Ok(true) => {
-                return Err(refused(
-                    403,
-                    format!(
-                        "{to} has opted out (STOP) of messages from {}",
-                        sender.label()
-                    ),
-                ));
-            }
-            Ok(false) => {}
-            Err(e) => return Err(refused(500, format!("store: {e}"))),
+                if self.is_opted_out(to.as_str(), sender.label()) {
+            return Err(refused(403, format!("{to} has opted out (STOP) of messages from {}", sender.label())));
         }
         if let OwnedSource::Extension(ext) = source {
             self.check_limits(ext).await?;
@@ -627,10 +613,9 @@ impl Messaging {
                     .inc();
                 if err.code == 21610 {
                     // Twilio knows the recipient said STOP: remember it for this sender.
-                    let _ = self
-                        .store
-                        .set_opt_out(m.remote.clone(), m.sender.clone(), true, now)
-                        .await;
+                    if let Err(e) = self.set_opt_out(&m.remote, &m.sender, true, now).await {
+                        tracing::error!(error = %e, "cannot record an opt-out");
+                    }
                 }
                 self.finish(&m, MessageStatus::Failed, Some(err.code), Some(err.message))
                     .await

@@ -304,11 +304,8 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    fn is_opted_out(
-        &self,
-        remote: String,
-        sender: String,
-    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+    /// Every (recipient, sender) pair that opted out, loaded once at start.
+    fn opt_outs(&self) -> impl Future<Output = Result<Vec<(String, String)>, StoreError>> + Send;
 
     /// The webhook token of an SMS configuration, created on first use (`rotate`: a new one).
     fn webhook_token(

@@ -599,11 +599,11 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn is_opted_out(&self, remote: String, sender: String) -> Result<bool, StoreError> {
+    async fn opt_outs(&self) -> Result<Vec<(String, String)>, StoreError> {
         self.run(move |conn| {
-            Ok(conn
-                .prepare_cached("SELECT 1 FROM opt_outs WHERE remote = ?1 AND sender = ?2")?
-                .exists(params![remote, sender])?)
+            let mut stmt = conn.prepare("SELECT remote, sender FROM opt_outs")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
     }

@@ -184,7 +184,7 @@ impl TwilioClient {
             .connect_timeout(Duration::from_secs(5))
             .timeout(request_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(64)
+            .pool_max_idle_per_host(1024)
             .user_agent(concat!("smsgw/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("a TLS backend is compiled in");

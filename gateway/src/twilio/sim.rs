@@ -129,6 +129,7 @@ pub fn router(config: SimConfig) -> Router {
         .route("/media/{name}", get(media))
         .route("/_sim/mode", post(set_mode))
         .route("/_sim/reset", post(reset))
+        .route("/_sim/stats", get(stats))
         .route("/_sim/inbound", post(inbound))
         .route(
             "/_sim/requests",
@@ -833,6 +834,15 @@ async fn media(
         return twilio_error(StatusCode::UNAUTHORIZED, 20003, "Authenticate");
     }
     ([(header::CONTENT_TYPE, "image/png")], PIXEL_PNG).into_response()
+}
+
+/// Counts only, for load tests where the full lists would be large.
+async fn stats(State(s): State<Arc<SimState>>) -> Response {
+    let messages = s.messages.lock().expect("lock");
+    let mut bodies = std::collections::HashSet::new();
+    let duplicates = messages.iter().filter(|m| !bodies.insert(m.body.as_str())).count();
+    let posts = s.requests.lock().expect("lock").iter().filter(|r| r.method == "POST").count();
+    Json(json!({"messages": messages.len(), "posts": posts, "duplicate_bodies": duplicates})).into_response()
 }
 
 async fn set_mode(State(s): State<Arc<SimState>>, Json(mode): Json<Mode>) -> Response {

@@ -1,0 +1,294 @@
+//! MESSAGE benchmark: SIP MESSAGE over UDP from a load generator (a trunk peer) → smsgw → the
+//! Twilio stand-in answering after 50 ms, all on loopback, outbox durable (SQLite, FULL sync).
+//!
+//!   cargo build --release -p smsgw
+//!   target/release/smsgw-bench-message --mode on_store --rate 14000 --secs 10
+//!   target/release/smsgw-bench-message --mode after_twilio --rate 6000 --secs 10
+//!
+//! Reports the share of MESSAGEs answered 2xx, how many needed a retransmission (no answer within
+//! 500 ms, as Timer E would resend), whether the stand-in got exactly one request per 2xx, final
+//! response latency percentiles, and the gateway's RSS and CPU.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use support::{between, cpu_secs, field, rss_kib, spawn_until};
+
+mod support;
+
+struct Args {
+    mode: String,
+    rate: u32,
+    secs: u32,
+    latency_ms: u64,
+    sockets: usize,
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        mode: "on_store".into(),
+        rate: 5000,
+        secs: 10,
+        latency_ms: 50,
+        sockets: 16,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--mode" => a.mode = value(),
+            "--rate" => a.rate = value().parse().expect("number"),
+            "--secs" => a.secs = value().parse().expect("number"),
+            "--latency-ms" => a.latency_ms = value().parse().expect("number"),
+            "--sockets" => a.sockets = value().parse().expect("number"),
+            other => panic!("unknown flag {other}; see the file's doc comment"),
+        }
+    }
+    assert!(a.mode == "on_store" || a.mode == "after_twilio", "--mode is on_store or after_twilio");
+    a
+}
+
+const ACCOUNT: &str = "AC00000000000000000000000000000000";
+const DID: &str = "+15017122661";
+
+struct Pending {
+    first_sent: Instant,
+    last_sent: Instant,
+    retransmitted: bool,
+    datagram: Vec<u8>,
+    socket: usize,
+}
+
+#[derive(Default)]
+struct Stats {
+    latencies: Vec<u32>,
+    ok: u64,
+    failed: HashMap<u16, u64>,
+    retransmitted: u64,
+}
+
+fn message(i: u64, port: u16, gw: SocketAddr) -> Vec<u8> {
+    let to = format!("+1555{:07}", i % 10_000_000);
+    let body = format!("load {i}");
+    let mut m = String::with_capacity(512);
+    let _ = write!(
+        m,
+        "MESSAGE sip:{to}@{gw} SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKm{i};rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:pbx@127.0.0.1>;tag=b{i}\r\nTo: <sip:{to}@{gw}>\r\nCall-ID: {i}@bench\r\n\
+         CSeq: 1 MESSAGE\r\nContent-Type: text/plain;charset=UTF-8\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    m.into_bytes()
+}
+
+async fn run(args: &Args, gw: SocketAddr) -> (Stats, Duration, u64) {
+    let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::default();
+    let stats: Arc<Mutex<Stats>> = Arc::default();
+    let sockets: Vec<Arc<tokio::net::UdpSocket>> = (0..args.sockets).map(|_| Arc::new(support::udp_socket())).collect();
+    for s in &sockets {
+        let (s, pending, stats) = (s.clone(), pending.clone(), stats.clone());
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                let Ok(n) = s.recv(&mut buf).await else { continue };
+                let text = String::from_utf8_lossy(&buf[..n]);
+                let code: u16 = text.get(8..11).and_then(|c| c.parse().ok()).unwrap_or(0);
+                if code < 200 {
+                    continue;
+                }
+                let Some(i) = between(&text, "Call-ID: ", '@').and_then(|c| c.parse::<u64>().ok()) else { continue };
+                let Some(p) = pending.lock().expect("lock").remove(&i) else { continue };
+                let mut st = stats.lock().expect("lock");
+                st.latencies.push(p.first_sent.elapsed().as_micros() as u32);
+                if p.retransmitted {
+                    st.retransmitted += 1;
+                }
+                if (200..300).contains(&code) {
+                    st.ok += 1;
+                } else {
+                    *st.failed.entry(code).or_default() += 1;
+                }
+            }
+        });
+    }
+    // Timer E: resend what has had no answer for 500 ms (then 1 s, 2 s, …).
+    {
+        let (pending, sockets) = (pending.clone(), sockets.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let now = Instant::now();
+                let mut resend = Vec::new();
+                for p in pending.lock().expect("lock").values_mut() {
+                    let waited = now.duration_since(p.last_sent);
+                    let interval = now.duration_since(p.first_sent).max(Duration::from_millis(500));
+                    if waited >= Duration::from_millis(500).max(interval / 2) {
+                        p.last_sent = now;
+                        p.retransmitted = true;
+                        resend.push((p.socket, p.datagram.clone()));
+                    }
+                }
+                for (s, d) in resend {
+                    let _ = sockets[s].send_to(&d, gw).await;
+                }
+            }
+        });
+    }
+    let total = u64::from(args.rate) * u64::from(args.secs);
+    let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate));
+    let started = Instant::now();
+    for i in 0..total {
+        let due = started + interval.mul_f64(i as f64);
+        if due > Instant::now() {
+            tokio::time::sleep_until(due.into()).await;
+        }
+        let si = (i as usize) % sockets.len();
+        let port = sockets[si].local_addr().expect("addr").port();
+        let datagram = message(i, port, gw);
+        let now = Instant::now();
+        pending.lock().expect("lock").insert(
+            i,
+            Pending {
+                first_sent: now,
+                last_sent: now,
+                retransmitted: false,
+                datagram: datagram.clone(),
+                socket: si,
+            },
+        );
+        let _ = sockets[si].send_to(&datagram, gw).await;
+    }
+    let send_time = started.elapsed();
+    // Stragglers get up to Timer F's 32 s like a real UAC.
+    let deadline = Instant::now() + Duration::from_secs(32);
+    while !pending.lock().expect("lock").is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lost = pending.lock().expect("lock").len() as u64;
+    let st = std::mem::take(&mut *stats.lock().expect("lock"));
+    (st, send_time, lost)
+}
+
+fn http_json(addr: SocketAddr, method: &str, path: &str, body: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("write");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+}
+
+fn main() {
+    let args = parse_args();
+    let dir = std::env::temp_dir().join(format!("smsgw-bench-msg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut sim_cmd = Command::new(support::smsgw_path());
+    sim_cmd
+        .args(["twilio-sim", "--listen", "127.0.0.1:0", "--account-sid", ACCOUNT, "--auth-token", "bench", "--number", DID])
+        .env("RUST_LOG", "warn,smsgw::cli=info");
+    let (mut sim, line) = spawn_until(sim_cmd, "stand-in ready");
+    let sim_addr: SocketAddr = field(&line, "listen").expect("listen").parse().expect("addr");
+    let mode = format!("{{\"latency_ms\": {}, \"no_callbacks\": true}}", args.latency_ms);
+    http_json(sim_addr, "POST", "/_sim/mode", &mode);
+
+    let config = format!(
+        r#"[gateway]
+domain = "127.0.0.1"
+public_url = "http://127.0.0.1:1"
+data_dir = "{data}"
+
+[sip]
+listen = ["udp:127.0.0.1:0"]
+
+[http]
+webhook_listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
+admin_token = "bench"
+
+[messaging]
+max_in_flight = 100000
+
+[[trunks]]
+name = "load"
+allow = ["127.0.0.1/32"]
+uri = "sip:127.0.0.1:9"
+answer = "{mode}"
+
+[[sms]]
+name = "main"
+account_sid = "{ACCOUNT}"
+auth_token = "bench"
+dids = ["{DID}"]
+api_base = "http://{sim_addr}"
+messages_per_second = 1000000
+
+[[outbound_rules]]
+name = "load"
+from = ["trunk:load"]
+to = "^\\+?1?(\\d{{10}})$"
+rewrite = "+1$1"
+sms = "main"
+sender = "did:{DID}"
+"#,
+        data = dir.join("data").display(),
+        mode = args.mode
+    );
+    let path = dir.join("bench.toml");
+    std::fs::write(&path, config).expect("config");
+    let mut gw_cmd = Command::new(support::smsgw_path());
+    gw_cmd.args(["run", "--config"]).arg(&path).env("RUST_LOG", "warn,smsgw::app=info");
+    let (mut gw, line) = spawn_until(gw_cmd, "smsgw ready");
+    let gw_addr: SocketAddr = field(&line, "sip_udp").expect("sip_udp").parse().expect("addr");
+    let pid = gw.id();
+    std::thread::sleep(Duration::from_secs(1));
+    let (gw_cpu0, sim_cpu0, own_cpu0) = (cpu_secs(&pid.to_string()), cpu_secs(&sim.id().to_string()), cpu_secs("self"));
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let (mut st, send_time, lost) = runtime.block_on(run(&args, gw_addr));
+    let rss = rss_kib(pid);
+    let (gw_cpu, sim_cpu, own_cpu) = (
+        cpu_secs(&pid.to_string()) - gw_cpu0,
+        cpu_secs(&sim.id().to_string()) - sim_cpu0,
+        cpu_secs("self") - own_cpu0,
+    );
+    // Let the outbox finish what was answered 202 before Twilio took it.
+    std::thread::sleep(Duration::from_secs(3));
+    let sim_stats: serde_json::Value = serde_json::from_str(&http_json(sim_addr, "GET", "/_sim/stats", "")).unwrap_or_default();
+    st.latencies.sort_unstable();
+    let total = u64::from(args.rate) * u64::from(args.secs);
+    let pct = |n: u64| 100.0 * n as f64 / total as f64;
+    println!("mode {}: {} MESSAGEs offered at {}/s over {:.1} s", args.mode, total, args.rate, send_time.as_secs_f64());
+    println!(
+        "2xx: {} ({:.3} %), other finals: {:?}, no final answer: {lost}, retransmitted: {} ({:.3} %)",
+        st.ok,
+        pct(st.ok),
+        st.failed,
+        st.retransmitted,
+        pct(st.retransmitted)
+    );
+    println!(
+        "stand-in: {} messages created, {} duplicate bodies (2xx answered: {})",
+        sim_stats["messages"], sim_stats["duplicate_bodies"], st.ok
+    );
+    println!(
+        "final response latency ms: p50 {:.2}  p99 {:.2}  max {:.2}",
+        support::percentile_ms(&st.latencies, 0.5),
+        support::percentile_ms(&st.latencies, 0.99),
+        support::percentile_ms(&st.latencies, 1.0)
+    );
+    println!(
+        "CPU seconds: gateway {gw_cpu:.2}, stand-in {sim_cpu:.2}, load generator {own_cpu:.2}; gateway RSS {} KiB",
+        rss
+    );
+    support::stop(&mut gw);
+    support::stop(&mut sim);
+    let _ = std::fs::remove_dir_all(&dir);
+}
