@@ -47,7 +47,10 @@ fn parse_args() -> Args {
             other => panic!("unknown flag {other}; see the file's doc comment"),
         }
     }
-    assert!(a.mode == "on_store" || a.mode == "after_twilio", "--mode is on_store or after_twilio");
+    assert!(
+        a.mode == "on_store" || a.mode == "after_twilio",
+        "--mode is on_store or after_twilio"
+    );
     a
 }
 
@@ -87,20 +90,29 @@ fn message(i: u64, port: u16, gw: SocketAddr) -> Vec<u8> {
 async fn run(args: &Args, gw: SocketAddr) -> (Stats, Duration, u64) {
     let pending: Arc<Mutex<HashMap<u64, Pending>>> = Arc::default();
     let stats: Arc<Mutex<Stats>> = Arc::default();
-    let sockets: Vec<Arc<tokio::net::UdpSocket>> = (0..args.sockets).map(|_| Arc::new(support::udp_socket())).collect();
+    let sockets: Vec<Arc<tokio::net::UdpSocket>> = (0..args.sockets)
+        .map(|_| Arc::new(support::udp_socket()))
+        .collect();
     for s in &sockets {
         let (s, pending, stats) = (s.clone(), pending.clone(), stats.clone());
         tokio::spawn(async move {
             let mut buf = vec![0u8; 4096];
             loop {
-                let Ok(n) = s.recv(&mut buf).await else { continue };
+                let Ok(n) = s.recv(&mut buf).await else {
+                    continue;
+                };
                 let text = String::from_utf8_lossy(&buf[..n]);
                 let code: u16 = text.get(8..11).and_then(|c| c.parse().ok()).unwrap_or(0);
                 if code < 200 {
                     continue;
                 }
-                let Some(i) = between(&text, "Call-ID: ", '@').and_then(|c| c.parse::<u64>().ok()) else { continue };
-                let Some(p) = pending.lock().expect("lock").remove(&i) else { continue };
+                let Some(i) = between(&text, "Call-ID: ", '@').and_then(|c| c.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                let Some(p) = pending.lock().expect("lock").remove(&i) else {
+                    continue;
+                };
                 let mut st = stats.lock().expect("lock");
                 st.latencies.push(p.first_sent.elapsed().as_micros() as u32);
                 if p.retransmitted {
@@ -124,7 +136,9 @@ async fn run(args: &Args, gw: SocketAddr) -> (Stats, Duration, u64) {
                 let mut resend = Vec::new();
                 for p in pending.lock().expect("lock").values_mut() {
                     let waited = now.duration_since(p.last_sent);
-                    let interval = now.duration_since(p.first_sent).max(Duration::from_millis(500));
+                    let interval = now
+                        .duration_since(p.first_sent)
+                        .max(Duration::from_millis(500));
                     if waited >= Duration::from_millis(500).max(interval / 2) {
                         p.last_sent = now;
                         p.retransmitted = true;
@@ -183,7 +197,9 @@ fn http_json(addr: SocketAddr, method: &str, path: &str, body: &str) -> String {
     .expect("write");
     let mut out = String::new();
     let _ = s.read_to_string(&mut out);
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
 }
 
 fn main() {
@@ -192,11 +208,27 @@ fn main() {
     std::fs::create_dir_all(&dir).expect("temp dir");
     let mut sim_cmd = Command::new(support::smsgw_path());
     sim_cmd
-        .args(["twilio-sim", "--listen", "127.0.0.1:0", "--account-sid", ACCOUNT, "--auth-token", "bench", "--number", DID])
+        .args([
+            "twilio-sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--account-sid",
+            ACCOUNT,
+            "--auth-token",
+            "bench",
+            "--number",
+            DID,
+        ])
         .env("RUST_LOG", "warn,smsgw::cli=info");
     let (mut sim, line) = spawn_until(sim_cmd, "stand-in ready");
-    let sim_addr: SocketAddr = field(&line, "listen").expect("listen").parse().expect("addr");
-    let mode = format!("{{\"latency_ms\": {}, \"no_callbacks\": true}}", args.latency_ms);
+    let sim_addr: SocketAddr = field(&line, "listen")
+        .expect("listen")
+        .parse()
+        .expect("addr");
+    let mode = format!(
+        "{{\"latency_ms\": {}, \"no_callbacks\": true}}",
+        args.latency_ms
+    );
     http_json(sim_addr, "POST", "/_sim/mode", &mode);
 
     let config = format!(
@@ -244,14 +276,27 @@ sender = "did:{DID}"
     let path = dir.join("bench.toml");
     std::fs::write(&path, config).expect("config");
     let mut gw_cmd = Command::new(support::smsgw_path());
-    gw_cmd.args(["run", "--config"]).arg(&path).env("RUST_LOG", "warn,smsgw::app=info");
+    gw_cmd
+        .args(["run", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn,smsgw::app=info");
     let (mut gw, line) = spawn_until(gw_cmd, "smsgw ready");
-    let gw_addr: SocketAddr = field(&line, "sip_udp").expect("sip_udp").parse().expect("addr");
+    let gw_addr: SocketAddr = field(&line, "sip_udp")
+        .expect("sip_udp")
+        .parse()
+        .expect("addr");
     let pid = gw.id();
     std::thread::sleep(Duration::from_secs(1));
-    let (gw_cpu0, sim_cpu0, own_cpu0) = (cpu_secs(&pid.to_string()), cpu_secs(&sim.id().to_string()), cpu_secs("self"));
+    let (gw_cpu0, sim_cpu0, own_cpu0) = (
+        cpu_secs(&pid.to_string()),
+        cpu_secs(&sim.id().to_string()),
+        cpu_secs("self"),
+    );
 
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let (mut st, send_time, lost) = runtime.block_on(run(&args, gw_addr));
     let rss = rss_kib(pid);
     let (gw_cpu, sim_cpu, own_cpu) = (
@@ -261,11 +306,18 @@ sender = "did:{DID}"
     );
     // Let the outbox finish what was answered 202 before Twilio took it.
     std::thread::sleep(Duration::from_secs(3));
-    let sim_stats: serde_json::Value = serde_json::from_str(&http_json(sim_addr, "GET", "/_sim/stats", "")).unwrap_or_default();
+    let sim_stats: serde_json::Value =
+        serde_json::from_str(&http_json(sim_addr, "GET", "/_sim/stats", "")).unwrap_or_default();
     st.latencies.sort_unstable();
     let total = u64::from(args.rate) * u64::from(args.secs);
     let pct = |n: u64| 100.0 * n as f64 / total as f64;
-    println!("mode {}: {} MESSAGEs offered at {}/s over {:.1} s", args.mode, total, args.rate, send_time.as_secs_f64());
+    println!(
+        "mode {}: {} MESSAGEs offered at {}/s over {:.1} s",
+        args.mode,
+        total,
+        args.rate,
+        send_time.as_secs_f64()
+    );
     println!(
         "2xx: {} ({:.3} %), other finals: {:?}, no final answer: {lost}, retransmitted: {} ({:.3} %)",
         st.ok,

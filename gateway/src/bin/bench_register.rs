@@ -72,8 +72,6 @@ fn sha256(text: &str) -> String {
     hex(&Sha256::digest(text.as_bytes()))
 }
 
-
-
 fn start_gateway(args: &Args, dir: &std::path::Path) -> (Child, SocketAddr) {
     let mut config = format!(
         "[gateway]\ndomain = \"{REALM}\"\npublic_url = \"http://127.0.0.1:1\"\ndata_dir = \"{}\"\n\n\
@@ -146,7 +144,6 @@ fn register(ext: u32, call: u64, cseq: u32, port: u16, auth: Option<&str>) -> Ve
     m.into_bytes()
 }
 
-
 fn authorization(ext: u32, nonce: &str) -> String {
     let ha1 = sha256(&format!("{ext}:{REALM}:pw{}", ext - FIRST_EXT));
     let uri = format!("sip:{REALM}");
@@ -158,7 +155,6 @@ fn authorization(ext: u32, nonce: &str) -> String {
          algorithm=SHA-256, cnonce=\"{cnonce}\", qop=auth, nc=00000001"
     )
 }
-
 
 async fn run_load(args: &Args, gw: SocketAddr) -> (Stats, Duration) {
     let total = args.extensions;

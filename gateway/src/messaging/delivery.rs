@@ -72,12 +72,19 @@ impl Messaging {
         });
     }
 
+    /// Delivers `owner`'s inbox in order. Results are saved without waiting for each commit
+    /// (at most one batch outstanding), so one fsync does not gate the next MESSAGE; a crash
+    /// before the save means a phone may see a text twice, never zero times.
     async fn deliver_owner(&self, owner: &Owner) {
+        let Some(this) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
         let (extension, trunk) = owner.columns();
+        let mut after_id = 0;
         loop {
             let batch = match self
                 .store
-                .pending_inbound(extension.clone(), trunk.clone(), 50)
+                .pending_inbound(extension.clone(), trunk.clone(), after_id, 50)
                 .await
             {
                 Ok(b) => b,
@@ -87,53 +94,49 @@ impl Messaging {
                 }
             };
             let full = batch.len() == 50;
+            let mut saving = tokio::task::JoinSet::new();
             for m in batch {
+                after_id = m.id;
                 let now = now_ms();
-                if m.expires_at.is_some_and(|t| now >= t) {
-                    self.close(
-                        &m,
+                let (status, detail, links) = if m.expires_at.is_some_and(|t| now >= t) {
+                    (
                         MessageStatus::Expired,
                         serde_json::json!({"error": "expired before delivery"}),
                         None,
                     )
-                    .await;
-                    continue;
-                }
-                let (result, links) = self.deliver_one(&m, owner).await;
-                match result {
-                    Delivery::Delivered(codes) => {
-                        self.close(
-                            &m,
+                } else {
+                    let (result, links) = self.deliver_one(&m, owner).await;
+                    match result {
+                        Delivery::Delivered(codes) => (
                             MessageStatus::Delivered,
                             serde_json::json!({"sip": codes}),
                             links,
-                        )
-                        .await;
-                    }
-                    Delivery::Failed(codes) => {
-                        self.close(
-                            &m,
+                        ),
+                        Delivery::Failed(codes) => (
                             MessageStatus::Failed,
                             serde_json::json!({"sip": codes}),
                             links,
-                        )
-                        .await;
+                        ),
+                        Delivery::Later(codes) => {
+                            // Order per extension: nothing behind this message goes first.
+                            let retry = self.settings.messaging.inbox_retry_secs as i64 * 1000;
+                            let mut meta = m.meta.clone();
+                            meta["sip"] = serde_json::json!(codes);
+                            let update = Update {
+                                next_attempt_at: Some(Some(now_ms() + retry)),
+                                meta: Some(meta),
+                                ..Update::default()
+                            };
+                            let _ = self.store.update_message(m.id, update, now_ms()).await;
+                            while saving.join_next().await.is_some() {}
+                            return;
+                        }
                     }
-                    Delivery::Later(codes) => {
-                        // Order per extension: nothing behind this message goes first.
-                        let retry = self.settings.messaging.inbox_retry_secs as i64 * 1000;
-                        let mut meta = m.meta.clone();
-                        meta["sip"] = serde_json::json!(codes);
-                        let update = Update {
-                            next_attempt_at: Some(Some(now_ms() + retry)),
-                            meta: Some(meta),
-                            ..Update::default()
-                        };
-                        let _ = self.store.update_message(m.id, update, now_ms()).await;
-                        return;
-                    }
-                }
+                };
+                let this = this.clone();
+                saving.spawn(async move { this.close(&m, status, detail, links).await });
             }
+            while saving.join_next().await.is_some() {}
             if !full {
                 return;
             }

@@ -264,7 +264,9 @@ impl Messaging {
             .inc();
         self.count(Direction::Inbound, MessageStatus::Received);
         if let Some(k) = keyword.filter(|k| *k != Keyword::Help) {
-            if let Err(e) = self.set_opt_out(from, did.as_str(), k == Keyword::OptOut, now).await
+            if let Err(e) = self
+                .set_opt_out(from, did.as_str(), k == Keyword::OptOut, now)
+                .await
             {
                 tracing::error!(error = %e, "cannot record an opt-out");
             }

@@ -136,11 +136,18 @@ impl Messaging {
     }
 
     pub fn is_opted_out(&self, remote: &str, sender: &str) -> bool {
-        self.opt_outs.contains(&(remote.to_string(), sender.to_string()))
+        self.opt_outs
+            .contains(&(remote.to_string(), sender.to_string()))
     }
 
     /// Records an opt-out (or opt-in) in the store, then in memory.
-    pub async fn set_opt_out(&self, remote: &str, sender: &str, opted_out: bool, now: i64) -> Result<(), crate::store::StoreError> {
+    pub async fn set_opt_out(
+        &self,
+        remote: &str,
+        sender: &str,
+        opted_out: bool,
+        now: i64,
+    ) -> Result<(), crate::store::StoreError> {
         self.store
             .set_opt_out(remote.to_string(), sender.to_string(), opted_out, now)
             .await?;

@@ -460,8 +460,14 @@ impl Messaging {
                 ));
             }
         }
-                if self.is_opted_out(to.as_str(), sender.label()) {
-            return Err(refused(403, format!("{to} has opted out (STOP) of messages from {}", sender.label())));
+        if self.is_opted_out(to.as_str(), sender.label()) {
+            return Err(refused(
+                403,
+                format!(
+                    "{to} has opted out (STOP) of messages from {}",
+                    sender.label()
+                ),
+            ));
         }
         if let OwnedSource::Extension(ext) = source {
             self.check_limits(ext).await?;

@@ -267,11 +267,13 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
 
-    /// Inbound messages waiting for `extension` (or a trunk), oldest first.
+    /// Inbound messages waiting for `extension` (or a trunk) with an id above `after_id`,
+    /// oldest first.
     fn pending_inbound(
         &self,
         extension: Option<String>,
         trunk: Option<String>,
+        after_id: i64,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<Message>, StoreError>> + Send;
 

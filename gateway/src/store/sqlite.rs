@@ -225,10 +225,10 @@ fn savepoint<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    conn.execute_batch("SAVEPOINT job")?;
+    conn.prepare_cached("SAVEPOINT job")?.execute([])?;
     match f(conn) {
         Ok(v) => {
-            conn.execute_batch("RELEASE job")?;
+            conn.prepare_cached("RELEASE job")?.execute([])?;
             Ok(v)
         }
         Err(e) => {
@@ -239,13 +239,16 @@ fn savepoint<T>(
 }
 
 fn run_batch(conn: &Connection, batch: &mut Vec<Job>) {
-    let begun = conn
-        .execute_batch("BEGIN IMMEDIATE")
-        .map_err(|e| e.to_string());
+    let exec = |sql: &str| {
+        conn.prepare_cached(sql)
+            .and_then(|mut s| s.execute([]))
+            .map(|_| ())
+    };
+    let begun = exec("BEGIN IMMEDIATE").map_err(|e| e.to_string());
     let replies: Vec<Reply> = batch.drain(..).map(|job| job(conn)).collect();
     let outcome = begun.and_then(|_| {
-        conn.execute_batch("COMMIT").map_err(|e| {
-            let _ = conn.execute_batch("ROLLBACK");
+        exec("COMMIT").map_err(|e| {
+            let _ = exec("ROLLBACK");
             e.to_string()
         })
     });
@@ -445,7 +448,7 @@ impl Store for SqliteStore {
     ) -> Result<Option<Message>, StoreError> {
         self.run(move |conn| {
             let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE twilio_sid = ?1 AND direction = 'outbound'");
-            let Some(current) = conn.query_row(&sql, [&sid], message_from_row).optional()? else {
+            let Some(current) = conn.prepare_cached(&sql)?.query_row([&sid], message_from_row).optional()? else {
                 return Ok(None);
             };
             if !current.status.can_become(status) {
@@ -491,17 +494,19 @@ impl Store for SqliteStore {
         &self,
         extension: Option<String>,
         trunk: Option<String>,
+        after_id: i64,
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
         self.run(move |conn| {
             let sql = format!(
                 "SELECT {MESSAGE_COLUMNS} FROM messages
                  WHERE direction = 'inbound' AND next_attempt_at IS NOT NULL
-                   AND extension IS ?1 AND trunk IS ?2
+                   AND extension IS ?1 AND trunk IS ?2 AND id > ?4
                  ORDER BY id LIMIT ?3"
             );
             let mut stmt = conn.prepare_cached(&sql)?;
-            let rows = stmt.query_map(params![extension, trunk, limit], message_from_row)?;
+            let rows =
+                stmt.query_map(params![extension, trunk, limit, after_id], message_from_row)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
         .await
@@ -522,7 +527,10 @@ impl Store for SqliteStore {
     async fn message(&self, id: i64) -> Result<Option<Message>, StoreError> {
         self.run(move |conn| {
             let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1");
-            Ok(conn.query_row(&sql, [id], message_from_row).optional()?)
+            Ok(conn
+                .prepare_cached(&sql)?
+                .query_row([id], message_from_row)
+                .optional()?)
         })
         .await
     }

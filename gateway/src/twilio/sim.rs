@@ -840,9 +840,19 @@ async fn media(
 async fn stats(State(s): State<Arc<SimState>>) -> Response {
     let messages = s.messages.lock().expect("lock");
     let mut bodies = std::collections::HashSet::new();
-    let duplicates = messages.iter().filter(|m| !bodies.insert(m.body.as_str())).count();
-    let posts = s.requests.lock().expect("lock").iter().filter(|r| r.method == "POST").count();
-    Json(json!({"messages": messages.len(), "posts": posts, "duplicate_bodies": duplicates})).into_response()
+    let duplicates = messages
+        .iter()
+        .filter(|m| !bodies.insert(m.body.as_str()))
+        .count();
+    let posts = s
+        .requests
+        .lock()
+        .expect("lock")
+        .iter()
+        .filter(|r| r.method == "POST")
+        .count();
+    Json(json!({"messages": messages.len(), "posts": posts, "duplicate_bodies": duplicates}))
+        .into_response()
 }
 
 async fn set_mode(State(s): State<Arc<SimState>>, Json(mode): Json<Mode>) -> Response {

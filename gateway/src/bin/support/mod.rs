@@ -16,7 +16,10 @@ pub fn spawn_until(mut cmd: Command, ready: &str) -> (Child, String) {
     let stderr = child.stderr.take().expect("stderr");
     let mut lines = std::io::BufReader::new(stderr).lines();
     let line = loop {
-        let line = lines.next().expect("the process exited before it was ready").expect("read");
+        let line = lines
+            .next()
+            .expect("the process exited before it was ready")
+            .expect("read");
         if line.contains(ready) {
             break line;
         }
@@ -27,11 +30,16 @@ pub fn spawn_until(mut cmd: Command, ready: &str) -> (Child, String) {
 
 /// `name=value` from a log line.
 pub fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    line.split(&format!("{name}=")).nth(1)?.split([' ', ',']).next()
+    line.split(&format!("{name}="))
+        .nth(1)?
+        .split([' ', ','])
+        .next()
 }
 
 pub fn smsgw_path() -> std::path::PathBuf {
-    std::env::current_exe().expect("own path").with_file_name("smsgw")
+    std::env::current_exe()
+        .expect("own path")
+        .with_file_name("smsgw")
 }
 
 pub fn rss_kib(pid: u32) -> u64 {
@@ -48,8 +56,18 @@ pub fn rss_kib(pid: u32) -> u64 {
 /// User + system CPU seconds of a process so far ("self" for this one).
 pub fn cpu_secs(pid: &str) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat.rsplit(')').next().unwrap_or_default().split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -70,15 +88,23 @@ pub fn between<'a>(text: &'a str, start: &str, end: char) -> Option<&'a str> {
 
 /// A UDP socket with a large receive buffer, so the generator itself does not drop answers.
 pub fn udp_socket() -> tokio::net::UdpSocket {
-    let raw = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
+    let raw =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
     let _ = raw.set_recv_buffer_size(4 << 20);
     raw.set_nonblocking(true).expect("nonblocking");
-    raw.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().expect("addr").into())
-        .expect("bind");
+    raw.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .expect("addr")
+            .into(),
+    )
+    .expect("bind");
     tokio::net::UdpSocket::from_std(raw.into()).expect("socket")
 }
 
 pub fn stop(child: &mut Child) {
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
 }
