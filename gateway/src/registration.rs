@@ -193,7 +193,7 @@ impl SipService {
                 self.dirty.mark(&aor);
                 if let Some(m) = self.messaging.get().filter(|_| !bindings.is_empty()) {
                     // Store-and-forward: a phone that (re)registers gets what waited for it.
-                    m.kick_delivery(crate::messaging::Owner::Extension(aor.clone()));
+                    m.on_registered(&aor);
                 }
                 let mut resp = Response::to(&tx.request, 200);
                 for b in &bindings {

@@ -48,6 +48,7 @@ impl Messaging {
     /// Starts delivering `owner`'s inbox unless a run is already under way (it is then told to
     /// look again before it stops).
     pub fn kick_delivery(&self, owner: Owner) {
+        self.waiting.insert(owner.clone());
         if !self.delivering.insert(owner.clone()) {
             self.redeliver.insert(owner);
             return;
@@ -93,6 +94,10 @@ impl Messaging {
                     return;
                 }
             };
+            if batch.is_empty() && after_id == 0 {
+                self.waiting.remove(owner);
+                return;
+            }
             let full = batch.len() == 50;
             let mut saving = tokio::task::JoinSet::new();
             for m in batch {
@@ -140,6 +145,14 @@ impl Messaging {
             if !full {
                 return;
             }
+        }
+    }
+
+    /// A phone (re)registered: deliver what waits for it, if anything does.
+    pub fn on_registered(&self, extension: &str) {
+        let owner = Owner::Extension(extension.to_string());
+        if self.waiting.contains(&owner) {
+            self.kick_delivery(owner);
         }
     }
 

@@ -76,6 +76,9 @@ pub struct Messaging {
     /// (recipient, sender) pairs that opted out: mirrors the store, so the check per outbound
     /// message costs no database round trip.
     opt_outs: dashmap::DashSet<(String, String)>,
+    /// Extensions and trunks with inbound messages waiting, so a REGISTER costs no database
+    /// query when there is nothing to deliver (the usual case).
+    waiting: dashmap::DashSet<Owner>,
     /// Itself, for spawning work from `&self` methods.
     me: std::sync::OnceLock<std::sync::Weak<Messaging>>,
 }
@@ -124,6 +127,12 @@ impl Messaging {
             delivering: dashmap::DashSet::new(),
             redeliver: dashmap::DashSet::new(),
             me: std::sync::OnceLock::new(),
+            waiting: store
+                .due_inbound_owners(i64::MAX)
+                .await?
+                .into_iter()
+                .filter_map(|(e, t)| Owner::from_columns(e, t))
+                .collect(),
             opt_outs: store.opt_outs().await?.into_iter().collect(),
             settings,
             store,
