@@ -104,3 +104,57 @@ fn sigterm_stops_cleanly() {
     let status = gw.stop();
     assert!(status.success(), "{status:?}");
 }
+
+#[test]
+fn webhook_url_is_stable_and_verify_checks_and_sets_the_numbers() {
+    let sim = Sim::start();
+    let dir = temp_dir("cli-verify");
+    let text = messaging_text(&dir, &sim, "", free_tcp_port());
+    let path = dir.join("smsgw.toml");
+    std::fs::write(&path, &text).unwrap();
+    let cfg = path.to_str().unwrap();
+    let url = |extra: &[&str]| {
+        let mut args = vec!["webhook-url", "--config", cfg];
+        args.extend_from_slice(extra);
+        let out = smsgw(&args);
+        assert!(out.status.success(), "{}", text(&out));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let first = url(&[]);
+    assert!(first.starts_with("main\thttp://127.0.0.1:"), "{first}");
+    let token = first.trim().rsplit('/').next().unwrap().to_string();
+    assert!(token.len() >= 22, "at least 128 bits: {token}");
+    assert_eq!(url(&["main"]), first, "stable across runs");
+    let rotated = url(&["main", "--rotate"]);
+    assert_ne!(rotated, first);
+    assert!(!smsgw(&["webhook-url", "--config", cfg, "nope"])
+        .status
+        .success());
+
+    // verify: the stand-in's numbers have no webhook yet.
+    let out = smsgw(&["verify", "--config", cfg, "main"]);
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("credentials OK: 4 numbers"), "{t}");
+    assert!(
+        t.contains(&format!(
+            "PROBLEM {DID_101}: messaging webhook is not smsgw's"
+        )),
+        "{t}"
+    );
+    let out = smsgw(&["verify", "--config", cfg, "main", "--apply"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&format!("SET     {DID_101}")));
+    let out = smsgw(&["verify", "--config", cfg, "main"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(rotated.trim().split('\t').nth(1).unwrap()));
+    // Wrong credentials are named as such.
+    let bad = text.replace(
+        "auth_token = \"test-auth-token-0123456789\"",
+        "auth_token = \"wrong\"",
+    );
+    std::fs::write(&path, bad).unwrap();
+    let out = smsgw(&["verify", "--config", cfg, "main"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("20003"), "{}", text(&out));
+}
