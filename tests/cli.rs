@@ -109,9 +109,9 @@ fn sigterm_stops_cleanly() {
 fn webhook_url_is_stable_and_verify_checks_and_sets_the_numbers() {
     let sim = Sim::start();
     let dir = temp_dir("cli-verify");
-    let text = messaging_text(&dir, &sim, "", free_tcp_port());
+    let config_text = messaging_text(&dir, &sim, "", free_tcp_port());
     let path = dir.join("smsgw.toml");
-    std::fs::write(&path, &text).unwrap();
+    std::fs::write(&path, &config_text).unwrap();
     let cfg = path.to_str().unwrap();
     let url = |extra: &[&str]| {
         let mut args = vec!["webhook-url", "--config", cfg];
@@ -149,7 +149,7 @@ fn webhook_url_is_stable_and_verify_checks_and_sets_the_numbers() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(text(&out).contains(rotated.trim().split('\t').nth(1).unwrap()));
     // Wrong credentials are named as such.
-    let bad = text.replace(
+    let bad = config_text.replace(
         "auth_token = \"test-auth-token-0123456789\"",
         "auth_token = \"wrong\"",
     );

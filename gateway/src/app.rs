@@ -171,6 +171,11 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         Some(sim) => Some((bind("simulator.listen", sim.listen).await?, sim)),
         None => None,
     };
+    // Single instance: whatever a previous run had leased is ours to retry (after reconciling
+    // with Twilio). Done before intake starts, so no fresh message is mistaken for a leftover.
+    store
+        .release_outbound_leases(crate::messaging::now_ms())
+        .await?;
     let mut intake_tasks = endpoint.start(service.clone());
     let mut background_tasks = tokio::task::JoinSet::new();
     background_tasks.spawn(persist_bindings(

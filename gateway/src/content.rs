@@ -96,6 +96,17 @@ pub fn parse(
     body: &[u8],
     max_media_bytes: usize,
 ) -> Result<Content, Refusal> {
+    parse_at(content_type, body, max_media_bytes, 0)
+}
+
+/// `depth` counts CPIM wrappers: one is allowed, a CPIM inside a CPIM is refused (a crafted body
+/// must not be able to recurse without end).
+fn parse_at(
+    content_type: Option<&str>,
+    body: &[u8],
+    max_media_bytes: usize,
+    depth: u8,
+) -> Result<Content, Refusal> {
     let (kind, params) = media_type(content_type.unwrap_or("text/plain"));
     match kind.as_str() {
         "application/im-iscomposing+xml" | "message/imdn+xml" => Ok(Content::Ignore),
@@ -110,6 +121,10 @@ pub fn parse(
                 ..Outgoing::default()
             }))
         }
+        "message/cpim" if depth > 0 => Err(refuse(
+            415,
+            "message/cpim inside message/cpim is not supported",
+        )),
         "message/cpim" => parse_cpim(body, max_media_bytes),
         t if IMAGE_TYPES.contains(&t) => {
             if body.len() > max_media_bytes {
@@ -167,7 +182,12 @@ fn parse_cpim(body: &[u8], max_media_bytes: usize) -> Result<Content, Refusal> {
         v.contains("urn:ietf:params:imdn")
             .then(|| v.split_whitespace().next().unwrap_or("imdn").to_string())
     });
-    let inner = parse(header(&mime_head, "Content-Type"), content, max_media_bytes)?;
+    let inner = parse_at(
+        header(&mime_head, "Content-Type"),
+        content,
+        max_media_bytes,
+        1,
+    )?;
     let Content::Text(mut out) = inner else {
         return Ok(Content::Ignore);
     };

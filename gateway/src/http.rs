@@ -30,14 +30,49 @@ pub struct AdminState {
 
 /// Largest webhook body accepted (Twilio's are a few KiB).
 const WEBHOOK_BODY_LIMIT: usize = 64 * 1024;
+/// Webhooks and status callbacks handled at once on the webhook listener.
+const WEBHOOK_CONCURRENCY: usize = 1024;
+/// Media downloads served at once.
+const MEDIA_CONCURRENCY: usize = 32;
+
+async fn shed(
+    limit: Arc<tokio::sync::Semaphore>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match limit.try_acquire_owned() {
+        Ok(_permit) => next.run(req).await,
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [(header::RETRY_AFTER, "1")],
+            "busy\n",
+        )
+            .into_response(),
+    }
+}
 
 /// The only listener meant for the internet: Twilio's webhooks and status callbacks, and the
 /// media smsgw serves to Twilio and to phones.
 pub fn webhook_router(messaging: Arc<Messaging>) -> Router {
-    Router::new()
+    // Load shedding: the listener faces the internet, so work in progress is bounded and the
+    // excess gets 503 at once (Twilio retries) instead of queueing. Media (up to 5 MiB each) has
+    // its own, smaller bound.
+    let hooks = Arc::new(tokio::sync::Semaphore::new(WEBHOOK_CONCURRENCY));
+    let files = Arc::new(tokio::sync::Semaphore::new(MEDIA_CONCURRENCY));
+    let twilio = Router::new()
         .route("/twilio/sms/{token}", post(sms_webhook))
         .route("/twilio/status/{token}", post(status_webhook))
-        .route("/media/{token}", get(media))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            shed(hooks.clone(), req, next)
+        }));
+    let media_routes =
+        Router::new()
+            .route("/media/{token}", get(media))
+            .layer(axum::middleware::from_fn(move |req, next| {
+                shed(files.clone(), req, next)
+            }));
+    twilio
+        .merge(media_routes)
         .fallback(|| async { (StatusCode::NOT_FOUND, "not found\n") })
         .layer(DefaultBodyLimit::max(WEBHOOK_BODY_LIMIT))
         .with_state(messaging)

@@ -231,15 +231,30 @@ impl Messaging {
             .ok_or("unknown SMS configuration")?;
         let mut links = Vec::new();
         for url in &m.media {
-            let (content_type, data) = self
+            let fetched = self
                 .twilio
                 .fetch_media(
                     &self.accounts[index],
                     url,
                     self.settings.messaging.max_media_bytes,
                 )
-                .await
-                .map_err(|e| e.to_string())?;
+                .await;
+            let (content_type, data) = match fetched {
+                Ok(f) => f,
+                // Gone, refused or too large will not get better: say so in the text rather than
+                // hold this extension's inbox until the message expires.
+                Err(crate::twilio::client::ClientError::Api { error, .. })
+                    if (400..500).contains(&error.http_status) =>
+                {
+                    tracing::warn!(id = m.id, %url, code = error.http_status, "MMS media cannot be fetched; delivering the text without it");
+                    links.push(format!(
+                        "[a picture could not be fetched: {}]",
+                        error.message
+                    ));
+                    continue;
+                }
+                Err(e) => return Err(e.to_string()),
+            };
             let token = crate::store::sqlite::new_token();
             let expires = now_ms() + self.settings.messaging.media_ttl_secs as i64 * 1000;
             self.store

@@ -233,13 +233,28 @@ impl Messaging {
         {
             keys.push(format!("idem:{t}"));
         }
+        let mut messages = messages;
+        if keyword == Some(Keyword::Help) {
+            if let Some(reply) = sms.help_reply.clone() {
+                messages.push(self.reply_row(index, &did, from, reply));
+            }
+        }
+        // The opt-out is written in the same transaction as the message: a crash cannot keep
+        // one without the other (a retried webhook would be a duplicate and change nothing).
+        let opt_out = keyword
+            .filter(|k| *k != Keyword::Help)
+            .map(|k| (from.to_string(), did.to_string(), k == Keyword::OptOut));
         let owners: Vec<Owner> = messages
             .iter()
             .filter(|m| m.direction == Direction::Inbound && m.next_attempt_at.is_some())
             .filter_map(|m| Owner::from_columns(m.extension.clone(), m.trunk.clone()))
             .collect();
         let forwards = messages.iter().any(|m| m.direction == Direction::Outbound);
-        match self.store.record_inbound(keys, messages).await {
+        match self
+            .store
+            .record_inbound(keys, messages, opt_out.clone())
+            .await
+        {
             Ok(Recorded::Duplicate) => {
                 self.metrics
                     .webhooks
@@ -263,18 +278,8 @@ impl Messaging {
             })
             .inc();
         self.count(Direction::Inbound, MessageStatus::Received);
-        if let Some(k) = keyword.filter(|k| *k != Keyword::Help) {
-            if let Err(e) = self
-                .set_opt_out(from, did.as_str(), k == Keyword::OptOut, now)
-                .await
-            {
-                tracing::error!(error = %e, "cannot record an opt-out");
-            }
-        }
-        if keyword == Some(Keyword::Help) {
-            if let Some(reply) = sms.help_reply.clone() {
-                self.queue_reply(index, &did, from, reply).await;
-            }
+        if let Some((remote, sender, opted_out)) = opt_out {
+            self.remember_opt_out(remote, sender, opted_out);
         }
         for owner in owners {
             self.kick_delivery(owner);
@@ -343,6 +348,7 @@ impl Messaging {
             expires_at: Some(now + ttl),
             in_doubt: false,
             meta: serde_json::json!({}),
+            lease: 0,
         };
         if targets.is_empty() {
             return Ok(vec![row(None, None, MessageStatus::Unroutable, false)]);
@@ -382,11 +388,11 @@ impl Messaging {
         Ok(rows)
     }
 
-    /// An automatic SMS back (HELP reply) through the outbox.
-    async fn queue_reply(&self, index: usize, did: &E164, to: &str, text: String) {
+    /// An automatic SMS back (the HELP reply), as an outbox row.
+    fn reply_row(&self, index: usize, did: &E164, to: &str, text: String) -> NewMessage {
         let sms = &self.settings.sms[index];
         let now = now_ms();
-        let reply = NewMessage {
+        NewMessage {
             direction: Direction::Outbound,
             kind: Kind::Notice,
             sms_config: sms.name.clone(),
@@ -405,11 +411,8 @@ impl Messaging {
             expires_at: Some(now + i64::from(sms.validity_secs) * 1000),
             in_doubt: false,
             meta: serde_json::json!({}),
-        };
-        if let Err(e) = self.store.insert_messages(vec![reply]).await {
-            tracing::error!(error = %e, "cannot queue the HELP reply");
+            lease: 0,
         }
-        self.outbox_kick.notify_one();
     }
 
     /// Media smsgw serves under `public_url` (outbound MMS for Twilio to fetch, inbound MMS links

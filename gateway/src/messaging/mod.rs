@@ -25,6 +25,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, Semaphore};
 
+/// Status callbacks kept for a SID not saved yet, and when the first arrived.
+type EarlyStatus = (Vec<Vec<(String, String)>>, i64);
+
 pub fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -79,6 +82,8 @@ pub struct Messaging {
     /// Extensions and trunks with inbound messages waiting, so a REGISTER costs no database
     /// query when there is nothing to deliver (the usual case).
     waiting: dashmap::DashSet<Owner>,
+    /// Status callbacks that arrived before their SID was saved: SID → (parameters, arrival).
+    early_status: std::sync::Mutex<HashMap<String, EarlyStatus>>,
     /// Itself, for spawning work from `&self` methods.
     me: std::sync::OnceLock<std::sync::Weak<Messaging>>,
 }
@@ -127,6 +132,7 @@ impl Messaging {
             delivering: dashmap::DashSet::new(),
             redeliver: dashmap::DashSet::new(),
             me: std::sync::OnceLock::new(),
+            early_status: std::sync::Mutex::default(),
             waiting: store
                 .due_inbound_owners(i64::MAX)
                 .await?
@@ -160,13 +166,17 @@ impl Messaging {
         self.store
             .set_opt_out(remote.to_string(), sender.to_string(), opted_out, now)
             .await?;
-        let key = (remote.to_string(), sender.to_string());
-        if opted_out {
-            self.opt_outs.insert(key);
-        } else {
-            self.opt_outs.remove(&key);
-        }
+        self.remember_opt_out(remote.to_string(), sender.to_string(), opted_out);
         Ok(())
+    }
+
+    /// The in-memory side of an opt-out already in the store.
+    fn remember_opt_out(&self, remote: String, sender: String, opted_out: bool) {
+        if opted_out {
+            self.opt_outs.insert((remote, sender));
+        } else {
+            self.opt_outs.remove(&(remote, sender));
+        }
     }
 
     fn sms_index(&self, name: &str) -> Option<usize> {
@@ -262,6 +272,7 @@ impl Messaging {
             expires_at: Some(now + self.settings.messaging.inbox_ttl_secs as i64 * 1000),
             in_doubt: false,
             meta,
+            lease: 0,
         };
         match self.store.insert_messages(vec![notice]).await {
             Ok(_) => {}
@@ -367,6 +378,7 @@ mod tests {
             in_doubt: false,
             meta: serde_json::json!({}),
             reconcile: false,
+            lease: 0,
         };
         assert_eq!(
             failure_text(&m),

@@ -202,8 +202,15 @@ impl Messaging {
                     // Accepted, or still trying: the outbox has it either way.
                     _ => Response::to(&tx.request, 202),
                 };
+                // The phone heard the refusal only if the answer carried it; otherwise it gets a
+                // notice once the first part's outcome is known (no race with the window).
+                let told_phone = resp.code >= 300;
                 self.respond(tx, resp);
-                let _ = sending.await;
+                if let Ok(Some((id, Outcome::Rejected { .. }))) = sending.await {
+                    if !told_phone {
+                        self.notify_outcome(&id, false).await;
+                    }
+                }
             }
         }
     }
@@ -231,27 +238,31 @@ impl Messaging {
         own.unwrap_or(self.settings.messaging.answer)
     }
 
-    /// Sends the parts of one text one after the other; the first outcome goes to `reply`.
-    /// A refusal is reported with a notice unless the first one reached the phone in its SIP
-    /// answer, or `notify` is off (the admin API returns outcomes itself).
+    /// Sends the parts of one text one after the other; the first outcome goes to `reply` and
+    /// is returned. Refusals are reported with a notice when `notify` is on, except the first
+    /// part's when `reply` is given: whoever waits on `reply` decides that one.
     async fn send_in_order(
         &self,
         messages: Vec<Message>,
         mut reply: Option<oneshot::Sender<Outcome>>,
         notify: bool,
-    ) {
+    ) -> Option<(i64, Outcome)> {
+        let mut first = None;
         for m in messages {
             let outcome = self.attempt(m.clone()).await;
-            let told_phone = match reply.take() {
-                Some(tx) => tx.send(outcome.clone()).is_ok(),
+            let decided_by_caller = match reply.take() {
+                Some(tx) => {
+                    let _ = tx.send(outcome.clone());
+                    true
+                }
                 None => false,
             };
-            if let Outcome::Rejected { .. } = outcome {
-                if notify && !told_phone {
-                    self.notify_outcome(&m.id, false).await;
-                }
+            if matches!(outcome, Outcome::Rejected { .. }) && notify && !decided_by_caller {
+                self.notify_outcome(&m.id, false).await;
             }
+            first.get_or_insert((m.id, outcome));
         }
+        first
     }
 
     /// For the admin API: submits, sends at once, and returns the messages as they now stand.
@@ -367,6 +378,7 @@ impl Messaging {
             None => serde_json::json!({}),
         };
         let expires_at = now + i64::from(sms.validity_secs) * 1000;
+        let lease = rand::random::<i64>().unsigned_abs() as i64 | 1;
         let new: Vec<NewMessage> = texts
             .into_iter()
             .enumerate()
@@ -386,6 +398,7 @@ impl Messaging {
                 now,
                 // Claimed by this task for its first attempt, which is about to happen.
                 attempts: 1,
+                lease,
                 next_attempt_at: Some(now + LEASE_MS),
                 expires_at: Some(expires_at),
                 in_doubt: true,
@@ -425,6 +438,7 @@ impl Messaging {
                 in_doubt: true,
                 meta: n.meta,
                 reconcile: false,
+                lease: n.lease,
             })
             .collect())
     }
@@ -544,9 +558,7 @@ impl Messaging {
             tracing::error!(id = m.id, sms = %m.sms_config, "message for an SMS configuration that no longer exists");
             return Outcome::Queued;
         };
-        if m.expires_at.is_some_and(|t| now >= t) {
-            return self.finish(&m, MessageStatus::Expired, None, None).await;
-        }
+        // An earlier attempt may have reached Twilio: find out before expiring or resending.
         if m.reconcile {
             match self.reconcile(&m, sms_index).await {
                 Ok(true) => return Outcome::Accepted,
@@ -556,6 +568,9 @@ impl Messaging {
                     return self.retry(&m, None, true).await;
                 }
             }
+        }
+        if m.expires_at.is_some_and(|t| now >= t) {
+            return self.finish(&m, MessageStatus::Expired, None, None).await;
         }
         let sms = &self.settings.sms[sms_index];
         let wait = self.pacer.reserve(
@@ -577,6 +592,26 @@ impl Messaging {
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
             self.pacer.done_waiting(&m.sender);
+        }
+        // Fencing: send only while this attempt still holds the message. A slow attempt whose
+        // lease ran out (and was claimed again by the outbox) stops here instead of sending twice.
+        match self
+            .store
+            .renew_lease(m.id, m.lease, now_ms() + LEASE_MS)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(
+                    id = m.id,
+                    "lost the lease on a message; another attempt has it"
+                );
+                return Outcome::Queued;
+            }
+            Err(e) => {
+                tracing::error!(id = m.id, error = %e, "cannot renew a lease; not sending now");
+                return Outcome::Queued;
+            }
         }
         let is_service = m.sender.starts_with("MG") && m.sender.len() == 34;
         let request = SendRequest {
@@ -603,13 +638,16 @@ impl Messaging {
                     .unwrap_or(MessageStatus::Queued);
                 let update = Update {
                     status: Some(status),
-                    twilio_sid: res.sid,
+                    twilio_sid: res.sid.clone(),
                     next_attempt_at: Some(None),
                     in_doubt: Some(false),
                     ..Update::default()
                 };
                 self.save(m.id, update).await;
                 self.count(Direction::Outbound, status);
+                if let Some(sid) = res.sid {
+                    self.apply_early_status(&sid).await;
+                }
                 Outcome::Accepted
             }
             SendOutcome::Rejected(err) => {
@@ -654,9 +692,13 @@ impl Messaging {
         if let Some(a) = after {
             delay = delay.max(a.as_millis() as i64);
         }
-        let next = now_ms() + delay;
-        if m.expires_at.is_some_and(|t| next >= t) {
-            return self.finish(m, MessageStatus::Expired, None, None).await;
+        let mut next = now_ms() + delay;
+        if let Some(t) = m.expires_at.filter(|t| next >= *t) {
+            if !in_doubt {
+                return self.finish(m, MessageStatus::Expired, None, None).await;
+            }
+            // It may have reached Twilio: one more attempt at the deadline reconciles first.
+            next = t.max(now_ms() + 1000);
         }
         let update = Update {
             next_attempt_at: Some(Some(next)),
@@ -712,63 +754,55 @@ impl Messaging {
         sms_index: usize,
     ) -> Result<bool, crate::twilio::client::ClientError> {
         let is_service = m.sender.starts_with("MG");
-        let day = httpdate::fmt_http_date(
-            std::time::UNIX_EPOCH
-                + Duration::from_millis((m.created_at - 86_400_000).max(0) as u64),
-        );
-        let date = rfc_date_to_iso(&day);
+        // Newest first, no DateSent filter: a queued or accepted message has no date_sent yet.
+        // Pages stop once they reach messages created well before ours.
+        let since = m.created_at / 1000 - 60;
         let found = self
             .twilio
             .list_messages(
                 &self.accounts[sms_index],
                 &m.remote,
                 (!is_service).then_some(m.sender.as_str()),
-                &date,
-                10,
+                since,
+                5,
             )
             .await?;
-        let created = m.created_at / 1000 - 60;
         for res in found {
             let same = res.body.as_deref() == Some(m.body.as_str())
                 && (res.from.as_deref() == Some(m.sender.as_str())
                     || res.messaging_service_sid.as_deref() == Some(m.sender.as_str()));
-            let recent = res
-                .date_created
-                .as_deref()
-                .and_then(|d| httpdate::parse_http_date(&d.replace("+0000", "GMT")).ok())
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .is_none_or(|t| t.as_secs() as i64 >= created);
-            let Some(sid) = res.sid.clone().filter(|_| same && recent) else {
+            let Some(sid) = res.sid.clone().filter(|_| same) else {
                 continue;
             };
-            if self.store.sid_known(sid.clone()).await.unwrap_or(true) {
-                continue;
-            }
             let status = res
                 .status
                 .as_deref()
                 .and_then(MessageStatus::from_twilio)
+                .filter(|s| !s.is_final())
                 .unwrap_or(MessageStatus::Queued);
-            tracing::info!(id = m.id, %sid, "an earlier attempt reached Twilio; not sending again");
-            let update = Update {
-                status: Some(status),
-                twilio_sid: Some(sid),
-                next_attempt_at: Some(None),
-                in_doubt: Some(false),
-                ..Update::default()
-            };
-            self.save(m.id, update).await;
-            return Ok(true);
+            // Atomic: two in-doubt copies of the same text cannot both claim one SID.
+            match self
+                .store
+                .adopt_sid(m.id, sid.clone(), status, now_ms())
+                .await
+            {
+                Ok(true) => {
+                    tracing::info!(id = m.id, %sid, "an earlier attempt reached Twilio; not sending again");
+                    self.apply_early_status(&sid).await;
+                    return Ok(true);
+                }
+                Ok(false) => continue,
+                Err(e) => {
+                    tracing::error!(id = m.id, error = %e, "cannot record a reconciled SID");
+                    continue;
+                }
+            }
         }
         Ok(false)
     }
 
     /// Sends whatever the outbox holds that is due, until cancelled.
     pub async fn outbox_loop(self: Arc<Self>, cancel: tokio_util::sync::CancellationToken) {
-        // Single instance: anything leased by a previous run is ours to retry now.
-        if let Err(e) = self.store.release_outbound_leases(now_ms()).await {
-            tracing::error!(error = %e, "cannot release the outbox after start");
-        }
         loop {
             let claimed = match self.store.claim_outbound(now_ms(), LEASE_MS, 256).await {
                 Ok(c) => c,
@@ -840,12 +874,40 @@ impl Messaging {
                 }
             }
             Ok(None) => {
-                tracing::debug!(%sid, %status, "status callback for an unknown message or a step back; ignored")
+                // Twilio can call back before our save of its answer has committed: keep the
+                // callback for a while and apply it once the SID is ours.
+                if !self.store.sid_known(sid.to_string()).await.unwrap_or(true) {
+                    self.stash_early_status(sid, params);
+                } else {
+                    tracing::debug!(%sid, %status, "status callback that would move a message back; ignored");
+                }
             }
             Err(e) => {
                 self.metrics.store_errors.inc();
                 tracing::error!(error = %e, "cannot save a status callback");
             }
+        }
+    }
+
+    /// Keeps a callback for a SID not saved yet; bounded, and old ones are dropped.
+    fn stash_early_status(&self, sid: &str, params: &[(String, String)]) {
+        let mut early = self.early_status.lock().expect("early lock");
+        let now = now_ms();
+        early.retain(|_, (_, at)| now - *at < 600_000);
+        if early.len() < 10_000 {
+            early
+                .entry(sid.to_string())
+                .or_insert_with(|| (Vec::new(), now))
+                .0
+                .push(params.to_vec());
+        }
+    }
+
+    /// Applies callbacks that arrived before `sid` was saved.
+    async fn apply_early_status(&self, sid: &str) {
+        let stashed = self.early_status.lock().expect("early lock").remove(sid);
+        for params in stashed.map(|(p, _)| p).unwrap_or_default() {
+            Box::pin(self.on_status(&params)).await;
         }
     }
 
@@ -903,23 +965,6 @@ impl Messaging {
     }
 }
 
-/// `Sun, 06 Nov 1994 08:49:37 GMT` → `1994-11-06`.
-fn rfc_date_to_iso(http_date: &str) -> String {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let parts: Vec<&str> = http_date.split_whitespace().collect();
-    let month = parts
-        .get(2)
-        .and_then(|m| MONTHS.iter().position(|x| x == m))
-        .map_or(1, |i| i + 1);
-    format!(
-        "{}-{month:02}-{}",
-        parts.get(3).unwrap_or(&"1970"),
-        parts.get(1).unwrap_or(&"01")
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -936,9 +981,5 @@ mod tests {
         ] {
             assert_eq!(sip_status_for(code), sip, "{code}");
         }
-        assert_eq!(
-            rfc_date_to_iso("Sun, 06 Nov 1994 08:49:37 GMT"),
-            "1994-11-06"
-        );
     }
 }

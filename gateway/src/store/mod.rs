@@ -147,6 +147,9 @@ pub struct Message {
     /// Set by a claim when the previous attempt's outcome was unknown: look the message up at
     /// Twilio before sending it again.
     pub reconcile: bool,
+    /// Who holds the message now: every claim draws a new value, and a request to Twilio goes
+    /// out only after renewing the lease with it (fencing).
+    pub lease: i64,
 }
 
 /// A message before it has an id.
@@ -170,6 +173,7 @@ pub struct NewMessage {
     pub expires_at: Option<i64>,
     pub in_doubt: bool,
     pub meta: serde_json::Value,
+    pub lease: i64,
 }
 
 /// Changes to one message; `None` leaves a field as it is.
@@ -233,12 +237,32 @@ pub trait Store: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<i64>, StoreError>> + Send;
 
     /// Records an inbound webhook once: if `dedupe_keys` (MessageSid, idempotency token) are new,
-    /// inserts `messages` and remembers the keys, atomically.
+    /// inserts `messages`, remembers the keys, and applies an opt-out or opt-in, atomically.
     fn record_inbound(
         &self,
         dedupe_keys: Vec<String>,
         messages: Vec<NewMessage>,
+        opt_out: Option<(String, String, bool)>,
     ) -> impl Future<Output = Result<Recorded, StoreError>> + Send;
+
+    /// Extends the lease of a claimed message if `lease` still holds it; `false` means another
+    /// attempt took it over and this one must not send.
+    fn renew_lease(
+        &self,
+        id: i64,
+        lease: i64,
+        until: i64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Gives message `id` the Twilio `sid` found by reconciliation, unless another message
+    /// already has it (then `false`: this one was never sent).
+    fn adopt_sid(
+        &self,
+        id: i64,
+        sid: String,
+        status: MessageStatus,
+        now: i64,
+    ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     fn update_message(
         &self,

@@ -59,10 +59,12 @@ const MIGRATIONS: &[&str] = &[
         expires_at      INTEGER,
         in_doubt        INTEGER NOT NULL,
         reconcile       INTEGER NOT NULL DEFAULT 0,
+        lease           INTEGER NOT NULL DEFAULT 0,
         meta            TEXT NOT NULL
     );
     CREATE INDEX messages_queue ON messages (direction, next_attempt_at) WHERE next_attempt_at IS NOT NULL;
-    CREATE INDEX messages_sid ON messages (twilio_sid) WHERE twilio_sid IS NOT NULL;
+    CREATE INDEX messages_sid_in ON messages (twilio_sid) WHERE twilio_sid IS NOT NULL AND direction = 'inbound';
+    CREATE UNIQUE INDEX messages_sid_out ON messages (twilio_sid) WHERE twilio_sid IS NOT NULL AND direction = 'outbound';
     CREATE INDEX messages_remote ON messages (remote, direction, created_at);
     CREATE INDEX messages_extension ON messages (extension, created_at);
     CREATE TABLE opt_outs (
@@ -91,7 +93,7 @@ const MIGRATIONS: &[&str] = &[
 const MESSAGE_COLUMNS: &str =
     "id, direction, kind, sms_config, extension, trunk, remote, sender, body, media, \
      twilio_sid, status, error_code, error_message, segments, created_at, updated_at, attempts, \
-     next_attempt_at, expires_at, in_doubt, meta, reconcile";
+     next_attempt_at, expires_at, in_doubt, meta, reconcile, lease";
 
 fn message_from_row(r: &Row<'_>) -> rusqlite::Result<Message> {
     let bad = |i: usize, what: &str| {
@@ -132,14 +134,15 @@ fn message_from_row(r: &Row<'_>) -> rusqlite::Result<Message> {
         in_doubt: r.get(20)?,
         meta: serde_json::from_str(&meta).map_err(|_| bad(21, "meta"))?,
         reconcile: r.get(22)?,
+        lease: r.get(23)?,
     })
 }
 
 fn insert_message(conn: &Connection, m: &NewMessage) -> rusqlite::Result<i64> {
     let mut stmt = conn.prepare_cached(
         "INSERT INTO messages (direction, kind, sms_config, extension, trunk, remote, sender, body, media, twilio_sid,
-             status, segments, created_at, updated_at, attempts, next_attempt_at, expires_at, in_doubt, meta)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, ?14, ?15, ?16, ?17, ?18)",
+             status, segments, created_at, updated_at, attempts, next_attempt_at, expires_at, in_doubt, meta, lease)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
     )?;
     stmt.execute(params![
         m.direction.as_str(),
@@ -160,6 +163,7 @@ fn insert_message(conn: &Connection, m: &NewMessage) -> rusqlite::Result<i64> {
         m.expires_at,
         m.in_doubt,
         m.meta.to_string(),
+        m.lease,
     ])?;
     Ok(conn.last_insert_rowid())
 }
@@ -406,6 +410,7 @@ impl Store for SqliteStore {
         &self,
         dedupe_keys: Vec<String>,
         messages: Vec<NewMessage>,
+        opt_out: Option<(String, String, bool)>,
     ) -> Result<Recorded, StoreError> {
         self.run(move |conn| {
             let now = messages.first().map_or(0, |m| m.now);
@@ -421,6 +426,9 @@ impl Store for SqliteStore {
             let mut ids = Vec::with_capacity(messages.len());
             for m in &messages {
                 ids.push(insert_message(conn, m)?);
+            }
+            if let Some((remote, sender, opted_out)) = &opt_out {
+                write_opt_out(conn, remote, sender, *opted_out, now)?;
             }
             Ok(Recorded::New(ids))
         })
@@ -476,7 +484,7 @@ impl Store for SqliteStore {
         self.run(move |conn| {
             let sql = format!(
                 "UPDATE messages SET next_attempt_at = ?1, attempts = attempts + 1, reconcile = in_doubt,
-                     in_doubt = 1, updated_at = ?2
+                     in_doubt = 1, lease = abs(random()) + 1, updated_at = ?2
                  WHERE id IN (SELECT id FROM messages WHERE direction = 'outbound' AND next_attempt_at <= ?2
                               ORDER BY next_attempt_at, id LIMIT ?3)
                  RETURNING {MESSAGE_COLUMNS}"
@@ -486,6 +494,45 @@ impl Store for SqliteStore {
             let mut out = rows.collect::<Result<Vec<_>, _>>()?;
             out.sort_by_key(|m| m.id);
             Ok(out)
+        })
+        .await
+    }
+
+    async fn renew_lease(&self, id: i64, lease: i64, until: i64) -> Result<bool, StoreError> {
+        self.run(move |conn| {
+            let n = conn
+                .prepare_cached("UPDATE messages SET next_attempt_at = ?3 WHERE id = ?1 AND lease = ?2 AND next_attempt_at IS NOT NULL")?
+                .execute(params![id, lease, until])?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    async fn adopt_sid(
+        &self,
+        id: i64,
+        sid: String,
+        status: MessageStatus,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        self.run(move |conn| {
+            let taken = conn
+                .prepare_cached(
+                    "SELECT 1 FROM messages WHERE twilio_sid = ?1 AND direction = 'outbound'",
+                )?
+                .exists([&sid])?;
+            if taken {
+                return Ok(false);
+            }
+            let update = Update {
+                status: Some(status),
+                twilio_sid: Some(sid),
+                next_attempt_at: Some(None),
+                in_doubt: Some(false),
+                ..Update::default()
+            };
+            apply_update(conn, id, &update, now)?;
+            Ok(true)
         })
         .await
     }
@@ -595,13 +642,7 @@ impl Store for SqliteStore {
         now: i64,
     ) -> Result<(), StoreError> {
         self.run(move |conn| {
-            if opted_out {
-                conn.prepare_cached("INSERT OR IGNORE INTO opt_outs (remote, sender, created_at) VALUES (?1, ?2, ?3)")?
-                    .execute(params![remote, sender, now])?;
-            } else {
-                conn.prepare_cached("DELETE FROM opt_outs WHERE remote = ?1 AND sender = ?2")?
-                    .execute(params![remote, sender])?;
-            }
+            write_opt_out(conn, &remote, &sender, opted_out, now)?;
             Ok(())
         })
         .await
@@ -746,6 +787,24 @@ impl Store for SqliteStore {
     }
 }
 
+fn write_opt_out(
+    conn: &Connection,
+    remote: &str,
+    sender: &str,
+    opted_out: bool,
+    now: i64,
+) -> rusqlite::Result<usize> {
+    if opted_out {
+        conn.prepare_cached(
+            "INSERT OR IGNORE INTO opt_outs (remote, sender, created_at) VALUES (?1, ?2, ?3)",
+        )?
+        .execute(params![remote, sender, now])
+    } else {
+        conn.prepare_cached("DELETE FROM opt_outs WHERE remote = ?1 AND sender = ?2")?
+            .execute(params![remote, sender])
+    }
+}
+
 /// 128 random bits, URL-safe: webhook tokens and media tokens.
 pub fn new_token() -> String {
     use base64::Engine as _;
@@ -883,6 +942,7 @@ mod tests {
             expires_at: Some(now + 36_000_000),
             in_doubt: false,
             meta: serde_json::json!({}),
+            lease: 0,
         }
     }
 
@@ -933,29 +993,65 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn leases_fence_attempts_and_a_sid_is_adopted_once() {
+        let dir = temp_dir();
+        let store = SqliteStore::open(&dir).await.unwrap();
+        let ids = store
+            .insert_messages(vec![outbound(1000), outbound(1000)])
+            .await
+            .unwrap();
+        let first = store.claim_outbound(2000, 60_000, 10).await.unwrap();
+        let lease = first[0].lease;
+        assert_ne!(lease, 0);
+        assert!(store.renew_lease(ids[0], lease, 70_000).await.unwrap());
+        // The lease ran out and another claim took the message: the old holder may not send.
+        let again = store.claim_outbound(80_000, 60_000, 10).await.unwrap();
+        assert_eq!(again.len(), 2);
+        assert!(
+            again.iter().all(|m| m.reconcile),
+            "in doubt before: reconcile first"
+        );
+        assert!(!store.renew_lease(ids[0], lease, 90_000).await.unwrap());
+        assert!(store
+            .renew_lease(ids[0], again[0].lease, 90_000)
+            .await
+            .unwrap());
+        // Two copies of the same text cannot both adopt one SID found at Twilio.
+        assert!(store
+            .adopt_sid(ids[0], "SMx".into(), MessageStatus::Queued, 3000)
+            .await
+            .unwrap());
+        assert!(!store
+            .adopt_sid(ids[1], "SMx".into(), MessageStatus::Queued, 3000)
+            .await
+            .unwrap());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
     async fn inbound_webhooks_are_recorded_once() {
         let dir = temp_dir();
         let store = SqliteStore::open(&dir).await.unwrap();
         let mut m = outbound(1000);
         m.direction = Direction::Inbound;
         let first = store
-            .record_inbound(vec!["SM9".into()], vec![m.clone()])
+            .record_inbound(vec!["SM9".into()], vec![m.clone()], None)
             .await
             .unwrap();
         assert!(matches!(first, Recorded::New(ref ids) if ids.len() == 1));
         let again = store
-            .record_inbound(vec!["SM9".into()], vec![m.clone()])
+            .record_inbound(vec!["SM9".into()], vec![m.clone()], None)
             .await
             .unwrap();
         assert_eq!(again, Recorded::Duplicate);
         // A new sid with an old idempotency token is a duplicate too, and records nothing.
         let token = store
-            .record_inbound(vec!["SM10".into(), "tok".into()], vec![m.clone()])
+            .record_inbound(vec!["SM10".into(), "tok".into()], vec![m.clone()], None)
             .await
             .unwrap();
         assert!(matches!(token, Recorded::New(_)));
         let replay = store
-            .record_inbound(vec!["SM11".into(), "tok".into()], vec![m])
+            .record_inbound(vec!["SM11".into(), "tok".into()], vec![m], None)
             .await
             .unwrap();
         assert_eq!(replay, Recorded::Duplicate);
@@ -969,7 +1065,7 @@ mod tests {
         assert_eq!(all.len(), 2);
         assert!(
             store
-                .record_inbound(vec!["SM11".into()], vec![])
+                .record_inbound(vec!["SM11".into()], vec![], None)
                 .await
                 .is_ok(),
             "SM11 was rolled back"

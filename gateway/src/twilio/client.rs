@@ -46,6 +46,13 @@ struct MessageList {
     next_page_uri: Option<String>,
 }
 
+/// `date_created` ("Thu, 24 Aug 2023 05:01:45 +0000") as Unix seconds.
+fn created_secs(m: &MessageResource) -> Option<i64> {
+    let d = m.date_created.as_deref()?;
+    let t = httpdate::parse_http_date(&d.replace("+0000", "GMT")).ok()?;
+    Some(t.duration_since(std::time::UNIX_EPOCH).ok()?.as_secs() as i64)
+}
+
 /// An error Twilio answered with, in either of its JSON shapes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {
@@ -279,32 +286,44 @@ impl TwilioClient {
         })
     }
 
-    /// Messages to `to` (and from `from`, if given) sent on or after `date` (`YYYY-MM-DD`, GMT),
-    /// following `next_page_uri` up to `max_pages`.
+    /// Messages to `to` (and from `from`, if given), newest first, created at or after `since`
+    /// (Unix seconds), following `next_page_uri` up to `max_pages`. No `DateSent` filter:
+    /// messages still queued have no send date.
     pub async fn list_messages(
         &self,
         account: &Account,
         to: &str,
         from: Option<&str>,
-        date: &str,
+        since: i64,
         max_pages: usize,
     ) -> Result<Vec<MessageResource>, ClientError> {
-        let mut query = vec![("To", to), ("DateSent>", date), ("PageSize", "100")];
+        let mut query = vec![("To", to), ("PageSize", "100")];
         if let Some(f) = from {
             query.push(("From", f));
         }
-        let first = reqwest::Url::parse_with_params(&account.url("Messages.json"), &query)
+        let base = account.url("Messages.json");
+        let mut url = reqwest::Url::parse_with_params(&base, &query)
             .map_err(|e| ClientError::Decode {
-                url: account.url("Messages.json"),
+                url: base.clone(),
                 source: serde::de::Error::custom(e),
-            })?;
-        let mut url = first.to_string();
+            })?
+            .to_string();
         let mut out = Vec::new();
         for _ in 0..max_pages {
             let page: MessageList = self.get_json(account, &url).await?;
-            out.extend(page.messages);
+            let reached_older = page
+                .messages
+                .iter()
+                .any(|m| created_secs(m).is_some_and(|t| t < since));
+            out.extend(
+                page.messages
+                    .into_iter()
+                    .filter(|m| created_secs(m).is_none_or(|t| t >= since)),
+            );
             match page.next_page_uri {
-                Some(next) if !next.is_empty() => url = format!("{}{next}", account.api_base),
+                Some(next) if !next.is_empty() && !reached_older => {
+                    url = format!("{}{next}", account.api_base)
+                }
                 _ => break,
             }
         }
