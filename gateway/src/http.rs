@@ -122,8 +122,14 @@ pub fn admin_router(state: AdminState) -> Router {
         .with_state(state)
 }
 
-/// The messaging pipelines, or a 503 naming why they are absent.
-fn messaging(s: &AdminState) -> Result<&Arc<Messaging>, Box<Response>> {
+/// The admin token checked, then the messaging pipelines (401 or 503 otherwise).
+fn admin_messaging<'a>(
+    s: &'a AdminState,
+    headers: &HeaderMap,
+) -> Result<&'a Arc<Messaging>, Box<Response>> {
+    if !authorized(headers, &s.admin_token) {
+        return Err(Box::new(unauthorized()));
+    }
     s.messaging.as_ref().ok_or_else(|| {
         Box::new(error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -202,10 +208,7 @@ async fn list_messages(
     headers: HeaderMap,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    if !authorized(&headers, &s.admin_token) {
-        return unauthorized();
-    }
-    let m = match messaging(&s) {
+    let m = match admin_messaging(&s, &headers) {
         Ok(m) => m,
         Err(r) => return *r,
     };
@@ -252,10 +255,7 @@ async fn get_message(
     headers: HeaderMap,
     Path(id): Path<i64>,
 ) -> Response {
-    if !authorized(&headers, &s.admin_token) {
-        return unauthorized();
-    }
-    let m = match messaging(&s) {
+    let m = match admin_messaging(&s, &headers) {
         Ok(m) => m,
         Err(r) => return *r,
     };
@@ -283,10 +283,7 @@ async fn send_message(
     headers: HeaderMap,
     body: Result<Json<SendBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
-    if !authorized(&headers, &s.admin_token) {
-        return unauthorized();
-    }
-    let m = match messaging(&s) {
+    let m = match admin_messaging(&s, &headers) {
         Ok(m) => m,
         Err(r) => return *r,
     };
@@ -345,10 +342,7 @@ struct SmsConfigView {
 }
 
 async fn sms_configs(State(s): State<AdminState>, headers: HeaderMap) -> Response {
-    if !authorized(&headers, &s.admin_token) {
-        return unauthorized();
-    }
-    let m = match messaging(&s) {
+    let m = match admin_messaging(&s, &headers) {
         Ok(m) => m,
         Err(r) => return *r,
     };
@@ -377,10 +371,7 @@ async fn rotate_webhook(
     headers: HeaderMap,
     Path(name): Path<String>,
 ) -> Response {
-    if !authorized(&headers, &s.admin_token) {
-        return unauthorized();
-    }
-    let m = match messaging(&s) {
+    let m = match admin_messaging(&s, &headers) {
         Ok(m) => m,
         Err(r) => return *r,
     };

@@ -83,6 +83,15 @@ pub struct Limits {
     day: Mutex<HashMap<String, (i64, u64)>>,
 }
 
+/// A final response whose reason phrase says why: "Not Found (no outbound rule matches …)".
+fn explained(req: &smsgw_sip::Request, status: u16, why: &str) -> Response {
+    Response::with_reason(
+        req,
+        status,
+        &format!("{} ({why})", smsgw_sip::message::reason_phrase(status)),
+    )
+}
+
 /// Maps a Twilio refusal to what the phone hears.
 pub fn sip_status_for(code: i64) -> u16 {
     match code {
@@ -131,15 +140,7 @@ impl Messaging {
             }
             Ok(Content::Text(out)) => out,
             Err(r) => {
-                let mut resp = Response::with_reason(
-                    req,
-                    r.status,
-                    &format!(
-                        "{} ({})",
-                        smsgw_sip::message::reason_phrase(r.status),
-                        r.reason
-                    ),
-                );
+                let mut resp = explained(req, r.status, &r.reason);
                 if r.status == 415 {
                     resp.headers.push("Accept", crate::content::ACCEPT);
                 }
@@ -154,15 +155,7 @@ impl Messaging {
         let messages = match submitted {
             Ok(m) => m,
             Err(r) => {
-                let mut resp = Response::with_reason(
-                    req,
-                    r.status,
-                    &format!(
-                        "{} ({})",
-                        smsgw_sip::message::reason_phrase(r.status),
-                        r.reason
-                    ),
-                );
+                let mut resp = explained(req, r.status, &r.reason);
                 if let Some(after) = r.retry_after {
                     resp.headers.push("Retry-After", after.to_string());
                 }
@@ -190,11 +183,7 @@ impl Messaging {
                 {
                     Ok(Ok(Outcome::Rejected { code, message })) => {
                         let status = sip_status_for(code);
-                        let reason = format!(
-                            "{} (Twilio {code}: {message})",
-                            smsgw_sip::message::reason_phrase(status)
-                        );
-                        Response::with_reason(&tx.request, status, &reason).header(
+                        explained(&tx.request, status, &format!("Twilio {code}: {message}")).header(
                             "Warning",
                             format!("399 smsgw \"Twilio {code}: {}\"", message.replace('"', "'")),
                         )
