@@ -20,6 +20,9 @@ use tokio::sync::oneshot;
 /// How long a claimed message is hidden from other senders; longer than any single attempt
 /// (request timeout 15 s plus a short pacing wait).
 pub const LEASE_MS: i64 = 60_000;
+/// Longest a request to Twilio can take (its timeout) plus a margin: a lease with more left than
+/// this cannot run out while the request is in flight.
+const REQUEST_BUDGET_MS: i64 = 20_000;
 /// Pacing waits longer than this put the message back in the outbox instead of holding a task.
 const MAX_INLINE_WAIT: Duration = Duration::from_secs(2);
 
@@ -584,11 +587,17 @@ impl Messaging {
         }
         // Fencing: send only while this attempt still holds the message. A slow attempt whose
         // lease ran out (and was claimed again by the outbox) stops here instead of sending twice.
-        match self
-            .store
-            .renew_lease(m.id, m.lease, now_ms() + LEASE_MS)
-            .await
-        {
+        // While the lease surely outlasts the request (the usual case: just claimed or just
+        // stored), it holds without asking the store.
+        let lease_ends = m.next_attempt_at.unwrap_or(0);
+        let renewed = if now_ms() + REQUEST_BUDGET_MS < lease_ends {
+            Ok(true)
+        } else {
+            self.store
+                .renew_lease(m.id, m.lease, now_ms() + LEASE_MS)
+                .await
+        };
+        match renewed {
             Ok(true) => {}
             Ok(false) => {
                 tracing::warn!(
