@@ -406,32 +406,7 @@ impl Messaging {
         Ok(ids
             .into_iter()
             .zip(new)
-            .map(|(id, n)| Message {
-                id,
-                direction: n.direction,
-                kind: n.kind,
-                sms_config: n.sms_config,
-                extension: n.extension,
-                trunk: n.trunk,
-                remote: n.remote,
-                sender: n.sender,
-                body: n.body,
-                media: n.media,
-                twilio_sid: None,
-                status: n.status,
-                error_code: None,
-                error_message: None,
-                segments: n.segments,
-                created_at: now,
-                updated_at: now,
-                attempts: n.attempts,
-                next_attempt_at: n.next_attempt_at,
-                expires_at: n.expires_at,
-                in_doubt: true,
-                meta: n.meta,
-                reconcile: false,
-                lease: n.lease,
-            })
+            .map(|(id, n)| Message::stored(id, n))
             .collect())
     }
 

@@ -152,6 +152,38 @@ pub struct Message {
     pub lease: i64,
 }
 
+impl Message {
+    /// The row `n` became when it was inserted with `id`.
+    pub fn stored(id: i64, n: NewMessage) -> Self {
+        Self {
+            id,
+            direction: n.direction,
+            kind: n.kind,
+            sms_config: n.sms_config,
+            extension: n.extension,
+            trunk: n.trunk,
+            remote: n.remote,
+            sender: n.sender,
+            body: n.body,
+            media: n.media,
+            twilio_sid: n.twilio_sid,
+            status: n.status,
+            error_code: None,
+            error_message: None,
+            segments: n.segments,
+            created_at: n.now,
+            updated_at: n.now,
+            attempts: n.attempts,
+            next_attempt_at: n.next_attempt_at,
+            expires_at: n.expires_at,
+            in_doubt: n.in_doubt,
+            meta: n.meta,
+            reconcile: false,
+            lease: n.lease,
+        }
+    }
+}
+
 /// A message before it has an id.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
