@@ -254,32 +254,44 @@ impl TwilioClient {
         }
     }
 
-    async fn get_json<T: serde::de::DeserializeOwned>(
+    /// A GET with the account's credentials; a non-2xx answer becomes [`ClientError::Api`].
+    async fn authed_get(
         &self,
         account: &Account,
         url: &str,
-    ) -> Result<T, ClientError> {
+    ) -> Result<reqwest::Response, ClientError> {
+        let http_err = |source| ClientError::Http {
+            url: url.into(),
+            source,
+        };
         let resp = self
             .http
             .get(url)
             .basic_auth(&account.username, Some(account.password.expose()))
             .send()
             .await
-            .map_err(|source| ClientError::Http {
-                url: url.into(),
-                source,
-            })?;
+            .map_err(http_err)?;
         let status = resp.status().as_u16();
+        if (200..300).contains(&status) {
+            return Ok(resp);
+        }
+        let body = resp.bytes().await.unwrap_or_default();
+        Err(ClientError::Api {
+            url: url.into(),
+            error: ApiError::parse(status, &body),
+        })
+    }
+
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        account: &Account,
+        url: &str,
+    ) -> Result<T, ClientError> {
+        let resp = self.authed_get(account, url).await?;
         let body = resp.bytes().await.map_err(|source| ClientError::Http {
             url: url.into(),
             source,
         })?;
-        if !(200..300).contains(&status) {
-            return Err(ClientError::Api {
-                url: url.into(),
-                error: ApiError::parse(status, &body),
-            });
-        }
         serde_json::from_slice(&body).map_err(|source| ClientError::Decode {
             url: url.into(),
             source,
@@ -384,27 +396,7 @@ impl TwilioClient {
         url: &str,
         max_bytes: usize,
     ) -> Result<(String, Vec<u8>), ClientError> {
-        let mut resp = self
-            .http
-            .get(url)
-            .basic_auth(&account.username, Some(account.password.expose()))
-            .send()
-            .await
-            .map_err(|source| ClientError::Http {
-                url: url.into(),
-                source,
-            })?;
-        let status = resp.status().as_u16();
-        if !(200..300).contains(&status) {
-            return Err(ClientError::Api {
-                url: url.into(),
-                error: ApiError {
-                    http_status: status,
-                    code: i64::from(status),
-                    message: "media could not be fetched".into(),
-                },
-            });
-        }
+        let mut resp = self.authed_get(account, url).await?;
         let content_type = resp
             .headers()
             .get(reqwest::header::CONTENT_TYPE)

@@ -133,27 +133,19 @@ pub fn router(config: SimConfig) -> Router {
         .route("/_sim/inbound", post(inbound))
         .route(
             "/_sim/requests",
-            get(|State(s): State<Arc<SimState>>| async move {
-                Json(s.requests.lock().expect("lock").clone())
-            }),
+            get(|State(s): State<Arc<SimState>>| async move { snapshot(&s.requests) }),
         )
         .route(
             "/_sim/messages",
-            get(|State(s): State<Arc<SimState>>| async move {
-                Json(s.messages.lock().expect("lock").clone())
-            }),
+            get(|State(s): State<Arc<SimState>>| async move { snapshot(&s.messages) }),
         )
         .route(
             "/_sim/violations",
-            get(|State(s): State<Arc<SimState>>| async move {
-                Json(s.violations.lock().expect("lock").clone())
-            }),
+            get(|State(s): State<Arc<SimState>>| async move { snapshot(&s.violations) }),
         )
         .route(
             "/_sim/media-fetches",
-            get(|State(s): State<Arc<SimState>>| async move {
-                Json(s.media_fetches.lock().expect("lock").clone())
-            }),
+            get(|State(s): State<Arc<SimState>>| async move { snapshot(&s.media_fetches) }),
         )
         .with_state(state)
 }
@@ -834,6 +826,11 @@ async fn media(
         return twilio_error(StatusCode::UNAUTHORIZED, 20003, "Authenticate");
     }
     ([(header::CONTENT_TYPE, "image/png")], PIXEL_PNG).into_response()
+}
+
+/// A copy of one of the stand-in's lists, for inspection.
+fn snapshot<T: Clone + Serialize>(list: &Mutex<Vec<T>>) -> Json<Vec<T>> {
+    Json(list.lock().expect("lock").clone())
 }
 
 /// Counts only, for load tests where the full lists would be large.
