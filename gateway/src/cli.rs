@@ -49,18 +49,7 @@ pub async fn verify(settings: Settings, name: String, apply: bool) -> anyhow::Re
         .webhook_token(sms.name.clone(), false, crate::messaging::now_ms())
         .await?;
     let webhook = format!("{}/twilio/sms/{token}", settings.gateway.public_url);
-    let account = crate::twilio::Account {
-        api_base: sms.api_base.clone(),
-        account_sid: sms.account_sid.clone(),
-        username: match &sms.auth {
-            crate::config::TwilioAuth::ApiKey { sid, .. } => sid.clone(),
-            crate::config::TwilioAuth::AuthToken => sms.account_sid.clone(),
-        },
-        password: match &sms.auth {
-            crate::config::TwilioAuth::ApiKey { secret, .. } => secret.clone(),
-            crate::config::TwilioAuth::AuthToken => sms.auth_token.clone(),
-        },
-    };
+    let account = crate::twilio::Account::for_config(sms);
     let client = TwilioClient::new(Duration::from_secs(15));
     let numbers = client
         .incoming_numbers(&account)

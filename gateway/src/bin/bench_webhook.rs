@@ -1,9 +1,12 @@
 //! Webhook benchmark: signed webhooks over HTTP keep-alive connections → smsgw → a UA registered
 //! on loopback that answers 200 — the benchmark plays both Twilio and the phone, so one clock
-//! times webhook → SIP delivery.
+//! times webhook → SIP delivery. The UA registers `--extensions` extensions (each with its own
+//! DID) from one socket, like a PBX's worth of phones behind one address; webhooks go to the DIDs
+//! in turn. (smsgw delivers to one extension one MESSAGE at a time, RFC 3428 §8, so a single
+//! extension's rate is bounded by its round trip.)
 //!
 //!   cargo build --release -p smsgw
-//!   target/release/smsgw-bench-webhook --rate 5000 --secs 10
+//!   target/release/smsgw-bench-webhook --rate 5000 --secs 10 --extensions 50
 //!
 //! Reports webhooks/s answered 200, messages delivered (each exactly once?), latency percentiles
 //! of the HTTP answer and of webhook → MESSAGE at the phone, and the gateway's RSS and CPU.
@@ -20,7 +23,11 @@ mod support;
 
 const ACCOUNT: &str = "AC00000000000000000000000000000000";
 const TOKEN: &str = "bench-auth-token";
-const DID: &str = "+15017122661";
+
+/// Extension `i`'s number and DID.
+fn extension(i: u32) -> (String, String) {
+    (format!("{}", 1000 + i), format!("+1501712{:04}", 1000 + i))
+}
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -30,14 +37,14 @@ fn md5(s: &str) -> String {
     hex(&Md5::digest(s.as_bytes()))
 }
 
-/// REGISTERs extension 101 (MD5 digest) from `sock`; returns when the 200 arrived.
-async fn register(sock: &tokio::net::UdpSocket, gw: SocketAddr) {
+/// REGISTERs extension `ext` (MD5 digest) from `sock`; returns when the 200 arrived.
+async fn register(sock: &tokio::net::UdpSocket, gw: SocketAddr, ext: &str) {
     let port = sock.local_addr().expect("addr").port();
     let req = |cseq: u32, auth: &str| {
         format!(
-            "REGISTER sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKr{cseq};rport\r\n\
-             From: <sip:101@127.0.0.1>;tag=r\r\nTo: <sip:101@127.0.0.1>\r\nCall-ID: reg@bench\r\nCSeq: {cseq} REGISTER\r\n\
-             Contact: <sip:101@127.0.0.1:{port}>\r\nExpires: 3600\r\n{auth}Content-Length: 0\r\n\r\n"
+            "REGISTER sip:127.0.0.1 SIP/2.0\r\nVia: SIP/2.0/UDP 127.0.0.1:{port};branch=z9hG4bKr{ext}x{cseq};rport\r\n\
+             From: <sip:{ext}@127.0.0.1>;tag=r\r\nTo: <sip:{ext}@127.0.0.1>\r\nCall-ID: reg{ext}@bench\r\nCSeq: {cseq} REGISTER\r\n\
+             Contact: <sip:{ext}@127.0.0.1:{port}>\r\nExpires: 3600\r\n{auth}Content-Length: 0\r\n\r\n"
         )
     };
     let mut buf = vec![0u8; 4096];
@@ -45,11 +52,11 @@ async fn register(sock: &tokio::net::UdpSocket, gw: SocketAddr) {
     let n = sock.recv(&mut buf).await.expect("recv");
     let text = String::from_utf8_lossy(&buf[..n]).into_owned();
     let nonce = between(&text, "nonce=\"", '"').expect("a challenge");
-    let ha1 = md5("101:127.0.0.1:pw101");
+    let ha1 = md5(&format!("{ext}:127.0.0.1:pw{ext}"));
     let ha2 = md5("REGISTER:sip:127.0.0.1");
     let response = md5(&format!("{ha1}:{nonce}:00000001:abc:auth:{ha2}"));
     let auth = format!(
-        "Authorization: Digest username=\"101\", realm=\"127.0.0.1\", nonce=\"{nonce}\", uri=\"sip:127.0.0.1\", response=\"{response}\", algorithm=MD5, cnonce=\"abc\", qop=auth, nc=00000001\r\n"
+        "Authorization: Digest username=\"{ext}\", realm=\"127.0.0.1\", nonce=\"{nonce}\", uri=\"sip:127.0.0.1\", response=\"{response}\", algorithm=MD5, cnonce=\"abc\", qop=auth, nc=00000001\r\n"
     );
     sock.send_to(req(2, &auth).as_bytes(), gw)
         .await
@@ -92,11 +99,13 @@ struct Stats {
 fn main() {
     let mut rate = 5000u32;
     let mut secs = 10u32;
+    let mut extensions = 50u32;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         match flag.as_str() {
             "--rate" => rate = it.next().expect("value").parse().expect("number"),
             "--secs" => secs = it.next().expect("value").parse().expect("number"),
+            "--extensions" => extensions = it.next().expect("value").parse().expect("number"),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -107,7 +116,8 @@ fn main() {
         .local_addr()
         .expect("addr")
         .port();
-    let config = format!(
+    let exts: Vec<(String, String)> = (0..extensions.max(1)).map(extension).collect();
+    let mut config = format!(
         r#"[gateway]
 domain = "127.0.0.1"
 public_url = "http://127.0.0.1:{webhook_port}"
@@ -121,20 +131,25 @@ webhook_listen = "127.0.0.1:{webhook_port}"
 admin_listen = "127.0.0.1:0"
 admin_token = "bench"
 
-[[extensions]]
-id = "101"
-password = "pw101"
-dids = ["{DID}"]
-
 [[sms]]
 name = "main"
 account_sid = "{ACCOUNT}"
 auth_token = "{TOKEN}"
-dids = ["{DID}"]
+dids = [{dids}]
 api_base = "http://127.0.0.1:9"
 "#,
-        data = dir.join("data").display()
+        data = dir.join("data").display(),
+        dids = exts
+            .iter()
+            .map(|(_, did)| format!("\"{did}\""))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
+    for (ext, did) in &exts {
+        config.push_str(&format!(
+            "\n[[extensions]]\nid = \"{ext}\"\npassword = \"pw{ext}\"\ndids = [\"{did}\"]\n"
+        ));
+    }
     let path = dir.join("bench.toml");
     std::fs::write(&path, config).expect("config");
     let mut cmd = Command::new(support::smsgw_path());
@@ -168,7 +183,9 @@ api_base = "http://127.0.0.1:9"
     let started = Instant::now();
     rt.block_on(async {
         let ua = Arc::new(support::udp_socket());
-        register(&ua, sip).await;
+        for (ext, _) in &exts {
+            register(&ua, sip, ext).await;
+        }
         // The phone: answers 200 and notes when each text arrived.
         {
             let (ua, stats, sent_at) = (ua.clone(), stats.clone(), sent_at.clone());
@@ -226,7 +243,10 @@ api_base = "http://127.0.0.1:9"
                 ("SmsMessageSid".into(), sid.clone()),
                 ("SmsSid".into(), sid),
                 ("SmsStatus".into(), "received".into()),
-                ("To".into(), DID.into()),
+                (
+                    "To".into(),
+                    exts[(i % exts.len() as u64) as usize].1.clone(),
+                ),
             ];
             let sig = smsgw::twilio::signature::compute(TOKEN, &webhook_url, &params);
             let (client, url, stats, sent_at) = (
@@ -278,7 +298,8 @@ api_base = "http://127.0.0.1:9"
     st.http_latency.sort_unstable();
     st.delivery_latency.sort_unstable();
     println!(
-        "{total} webhooks offered at {rate}/s ({:.1} s in all)",
+        "{total} webhooks offered at {rate}/s to {} extensions ({:.1} s in all)",
+        exts.len(),
         elapsed.as_secs_f64()
     );
     println!(

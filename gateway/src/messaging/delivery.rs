@@ -5,6 +5,7 @@
 use super::{now_ms, Messaging, Owner};
 use crate::metrics::CodeLabel;
 use crate::store::{Kind, Message, Store, Update};
+use dashmap::DashMap;
 use smsgw_rules::MessageStatus;
 use smsgw_sip::uri::SipUri;
 use smsgw_sip::{Flow, Headers, Method, Request, Transport};
@@ -14,6 +15,86 @@ use tokio_util::sync::CancellationToken;
 
 /// RFC 3428 §8: larger MESSAGEs must not go over UDP.
 const MAX_UDP_MESSAGE: usize = 1300;
+/// Messages read from the store at a time.
+const STORE_BATCH: u32 = 50;
+/// Messages handed over in memory per owner before falling back to the store.
+const INBOX_MEMORY: usize = 256;
+
+/// An owner's messages handed over in memory as they commit. `complete` means every pending
+/// row with an id above `upto` is in `queue` (ascending); otherwise the store is the only truth.
+/// `generation` changes whenever memory is dropped, so a store read that raced with that does
+/// not declare memory complete.
+#[derive(Default)]
+struct Inbox {
+    queue: std::collections::VecDeque<Message>,
+    complete: bool,
+    generation: u64,
+    /// The last id delivered (or given up) in order; anything at or below it is done.
+    upto: i64,
+}
+
+/// Every owner's messages handed over in memory, so a phone that keeps up never waits for a
+/// store read.
+#[derive(Default)]
+pub struct Inboxes(DashMap<Owner, Inbox>);
+
+impl Inboxes {
+    /// A message that has just committed (called in commit order, on the database thread).
+    pub fn hand_over(&self, owner: Owner, m: Message) {
+        let mut inbox = self.0.entry(owner).or_default();
+        if m.id <= inbox.upto {
+            return;
+        }
+        if inbox.queue.len() >= INBOX_MEMORY {
+            // A backlog: the store has it all; memory holds nothing rather than a part.
+            inbox.queue.clear();
+            inbox.complete = false;
+            inbox.generation += 1;
+        } else {
+            inbox.queue.push_back(m);
+        }
+    }
+
+    /// Something reached `owner`'s inbox without a hand-over (a notice) or delivery stopped
+    /// part-way: the next run reads the store.
+    pub fn fall_back_to_store(&self, owner: &Owner) {
+        let mut inbox = self.0.entry(owner.clone()).or_default();
+        inbox.queue.clear();
+        inbox.complete = false;
+        inbox.generation += 1;
+    }
+
+    /// Everything handed over, once memory is known to hold all that waits (`None`: read the
+    /// store instead).
+    fn take(&self, owner: &Owner) -> Option<Vec<Message>> {
+        let mut inbox = self.0.entry(owner.clone()).or_default();
+        if !inbox.complete {
+            return None;
+        }
+        let batch: Vec<Message> = inbox.queue.drain(..).collect();
+        if let Some(last) = batch.last() {
+            inbox.upto = last.id;
+        }
+        Some(batch)
+    }
+
+    fn generation(&self, owner: &Owner) -> u64 {
+        self.0.get(owner).map_or(0, |i| i.generation)
+    }
+
+    /// A store read that started at `generation` found nothing pending beyond `last`: whatever
+    /// commits later is handed over, so memory now holds all that waits — unless memory was
+    /// dropped since the read began.
+    fn caught_up(&self, owner: &Owner, generation: u64, last: i64) {
+        let mut inbox = self.0.entry(owner.clone()).or_default();
+        inbox.upto = inbox.upto.max(last);
+        if inbox.generation == generation {
+            let upto = inbox.upto;
+            inbox.queue.retain(|m| m.id > upto);
+            inbox.complete = true;
+        }
+    }
+}
 
 #[derive(Debug)]
 enum Delivery {
@@ -73,9 +154,11 @@ impl Messaging {
         });
     }
 
-    /// Delivers `owner`'s inbox in order. Results are saved without waiting for each commit
-    /// (at most one batch outstanding), so one fsync does not gate the next MESSAGE; a crash
-    /// before the save means a phone may see a text twice, never zero times.
+    /// Delivers `owner`'s inbox in order: from the store until it has caught up, then from the
+    /// messages handed over in memory as they commit (no store read per text). Results are saved
+    /// without waiting for each commit (at most one batch outstanding), so one fsync does not gate
+    /// the next MESSAGE; a crash before the save means a phone may see a text twice, never zero
+    /// times.
     async fn deliver_owner(&self, owner: &Owner) {
         let Some(this) = self.me.get().and_then(std::sync::Weak::upgrade) else {
             return;
@@ -83,22 +166,32 @@ impl Messaging {
         let (extension, trunk) = owner.columns();
         let mut after_id = 0;
         loop {
-            let batch = match self
-                .store
-                .pending_inbound(extension.clone(), trunk.clone(), after_id, 50)
-                .await
-            {
-                Ok(b) => b,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read an inbox");
+            let batch = match self.inboxes.take(owner) {
+                Some(batch) if batch.is_empty() => {
+                    self.waiting.remove(owner);
                     return;
                 }
+                Some(batch) => batch,
+                None => {
+                    let generation = self.inboxes.generation(owner);
+                    let batch = match self
+                        .store
+                        .pending_inbound(extension.clone(), trunk.clone(), after_id, STORE_BATCH)
+                        .await
+                    {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::error!(error = %e, "cannot read an inbox");
+                            return;
+                        }
+                    };
+                    if batch.len() < STORE_BATCH as usize {
+                        let last = batch.last().map_or(after_id, |m| m.id);
+                        self.inboxes.caught_up(owner, generation, last);
+                    }
+                    batch
+                }
             };
-            if batch.is_empty() && after_id == 0 {
-                self.waiting.remove(owner);
-                return;
-            }
-            let full = batch.len() == 50;
             let mut saving = tokio::task::JoinSet::new();
             for m in batch {
                 after_id = m.id;
@@ -123,7 +216,9 @@ impl Messaging {
                             links,
                         ),
                         Delivery::Later(codes) => {
-                            // Order per extension: nothing behind this message goes first.
+                            // Order per extension: nothing behind this message goes first. What
+                            // waits is in the store; the next run reads it from there.
+                            self.inboxes.fall_back_to_store(owner);
                             let retry = self.settings.messaging.inbox_retry_secs as i64 * 1000;
                             let mut meta = m.meta.clone();
                             meta["sip"] = serde_json::json!(codes);
@@ -142,9 +237,6 @@ impl Messaging {
                 saving.spawn(async move { this.close(&m, status, detail, links).await });
             }
             while saving.join_next().await.is_some() {}
-            if !full {
-                return;
-            }
         }
     }
 
@@ -370,20 +462,20 @@ impl Messaging {
         };
         let mut tasks = tokio::task::JoinSet::new();
         for (target, flow) in targets {
-            let probe = self.build(m, &target, &to_user, &content_type, String::new());
-            let overhead = probe.to_bytes().len() + 120; // room for the Via the endpoint adds
-            let parts = if flow.transport == Transport::Udp
-                && overhead + text.len() > MAX_UDP_MESSAGE
+            let whole = self.build(m, &target, &to_user, &content_type, text.clone());
+            let size = whole.to_bytes().len() + 120; // room for the Via the endpoint adds
+            let requests = if flow.transport == Transport::Udp
+                && size > MAX_UDP_MESSAGE
                 && content_type.starts_with("text/plain")
             {
+                let overhead = size - text.len();
                 chunks(&text, MAX_UDP_MESSAGE.saturating_sub(overhead).max(200))
+                    .into_iter()
+                    .map(|p| self.build(m, &target, &to_user, &content_type, p))
+                    .collect()
             } else {
-                vec![text.clone()]
+                vec![whole]
             };
-            let requests: Vec<Request> = parts
-                .into_iter()
-                .map(|p| self.build(m, &target, &to_user, &content_type, p))
-                .collect();
             let endpoint = self.endpoint.clone();
             tasks.spawn(async move {
                 let mut code = 0;
@@ -447,6 +539,75 @@ impl Messaging {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn row(id: i64) -> Message {
+        let new = crate::store::NewMessage {
+            direction: crate::store::Direction::Inbound,
+            kind: Kind::Sms,
+            sms_config: "main".into(),
+            extension: Some("101".into()),
+            trunk: None,
+            remote: "+15551234567".into(),
+            sender: "+15017122661".into(),
+            body: format!("text {id}"),
+            media: vec![],
+            twilio_sid: None,
+            status: MessageStatus::Pending,
+            segments: 1,
+            now: 0,
+            attempts: 0,
+            next_attempt_at: Some(0),
+            expires_at: None,
+            in_doubt: false,
+            meta: serde_json::json!({}),
+            lease: 0,
+        };
+        Message::stored(id, new)
+    }
+
+    fn ids(batch: Option<Vec<Message>>) -> Option<Vec<i64>> {
+        batch.map(|b| b.iter().map(|m| m.id).collect())
+    }
+
+    #[test]
+    fn handed_over_messages_are_used_only_once_memory_holds_everything() {
+        let owner = Owner::Extension("101".into());
+        let inboxes = Inboxes::default();
+        // Nothing is known yet (a fresh start): read the store.
+        inboxes.hand_over(owner.clone(), row(4));
+        assert_eq!(ids(inboxes.take(&owner)), None);
+        // A store read saw 3 and 4 pending; 5 committed after it and was handed over; 4's
+        // hand-over was late (it came after the read that found it).
+        let generation = inboxes.generation(&owner);
+        inboxes.hand_over(owner.clone(), row(5));
+        inboxes.caught_up(&owner, generation, 4);
+        assert_eq!(ids(inboxes.take(&owner)), Some(vec![5]));
+        inboxes.hand_over(owner.clone(), row(3));
+        inboxes.hand_over(owner.clone(), row(6));
+        inboxes.hand_over(owner.clone(), row(7));
+        assert_eq!(ids(inboxes.take(&owner)), Some(vec![6, 7]));
+        assert_eq!(ids(inboxes.take(&owner)), Some(vec![]));
+    }
+
+    #[test]
+    fn memory_dropped_during_a_store_read_keeps_the_store_in_charge() {
+        let owner = Owner::Trunk("pbx".into());
+        let inboxes = Inboxes::default();
+        let generation = inboxes.generation(&owner);
+        // A notice was queued (no hand-over) while the read was under way.
+        inboxes.fall_back_to_store(&owner);
+        inboxes.caught_up(&owner, generation, 10);
+        assert_eq!(ids(inboxes.take(&owner)), None);
+        // The next read is clean.
+        let generation = inboxes.generation(&owner);
+        inboxes.caught_up(&owner, generation, 11);
+        assert_eq!(ids(inboxes.take(&owner)), Some(vec![]));
+        // A backlog larger than memory: back to the store, nothing half-held.
+        for id in 12..12 + INBOX_MEMORY as i64 + 1 {
+            inboxes.hand_over(owner.clone(), row(id));
+        }
+        assert_eq!(ids(inboxes.take(&owner)), None);
+    }
 
     #[test]
     fn chunking_keeps_characters_whole() {

@@ -250,9 +250,27 @@ impl Messaging {
             .filter_map(|m| Owner::from_columns(m.extension.clone(), m.trunk.clone()))
             .collect();
         let forwards = messages.iter().any(|m| m.direction == Direction::Outbound);
+        // The rows to deliver go to their deliverers as they commit, in commit order.
+        let hand_over: Vec<Option<(Owner, NewMessage)>> = messages
+            .iter()
+            .map(|m| {
+                (m.direction == Direction::Inbound && m.next_attempt_at.is_some())
+                    .then(|| Owner::from_columns(m.extension.clone(), m.trunk.clone()))
+                    .flatten()
+                    .map(|o| (o, m.clone()))
+            })
+            .collect();
+        let inboxes = self.inboxes.clone();
+        let on_commit: crate::store::OnCommit = Box::new(move |ids: &[i64]| {
+            for (id, row) in ids.iter().zip(hand_over) {
+                if let Some((owner, new)) = row {
+                    inboxes.hand_over(owner, crate::store::Message::stored(*id, new));
+                }
+            }
+        });
         match self
             .store
-            .record_inbound(keys, messages, opt_out.clone())
+            .record_inbound(keys, messages, opt_out.clone(), on_commit)
             .await
         {
             Ok(Recorded::Duplicate) => {
@@ -357,8 +375,9 @@ impl Messaging {
         for target in targets {
             match target {
                 Target::Extension(ext) => {
+                    let cap = self.settings.messaging.max_pending_per_extension;
                     let pending = self.store.pending_count(ext.to_string()).await?;
-                    if pending >= self.settings.messaging.max_pending_per_extension {
+                    if pending >= cap {
                         let mut full =
                             row(Some(ext.to_string()), None, MessageStatus::Failed, false);
                         full.meta = serde_json::json!({"error": "mailbox full"});

@@ -13,7 +13,7 @@ mod pacing;
 
 pub use outbound::OwnedSource;
 
-use crate::config::{Settings, SmsConfig, TwilioAuth};
+use crate::config::Settings;
 use crate::metrics::{MessageLabel, Metrics};
 use crate::store::{Direction, Kind, Message, NewMessage, SqliteStore, Store};
 use crate::twilio::{Account, TwilioClient};
@@ -76,6 +76,8 @@ pub struct Messaging {
     in_flight: Arc<Semaphore>,
     delivering: dashmap::DashSet<Owner>,
     redeliver: dashmap::DashSet<Owner>,
+    /// Inbound messages handed to the deliverers in memory as they commit.
+    inboxes: Arc<delivery::Inboxes>,
     /// (recipient, sender) pairs that opted out: mirrors the store, so the check per outbound
     /// message costs no database round trip.
     opt_outs: dashmap::DashSet<(String, String)>,
@@ -86,19 +88,6 @@ pub struct Messaging {
     early_status: std::sync::Mutex<HashMap<String, EarlyStatus>>,
     /// Itself, for spawning work from `&self` methods.
     me: std::sync::OnceLock<std::sync::Weak<Messaging>>,
-}
-
-fn account(sms: &SmsConfig) -> Account {
-    let (username, password) = match &sms.auth {
-        TwilioAuth::AuthToken => (sms.account_sid.clone(), sms.auth_token.clone()),
-        TwilioAuth::ApiKey { sid, secret } => (sid.clone(), secret.clone()),
-    };
-    Account {
-        api_base: sms.api_base.clone(),
-        account_sid: sms.account_sid.clone(),
-        username,
-        password,
-    }
 }
 
 impl Messaging {
@@ -118,7 +107,7 @@ impl Messaging {
             by_token.insert(token.clone(), i);
             tokens.push(token);
         }
-        let accounts = settings.sms.iter().map(account).collect();
+        let accounts = settings.sms.iter().map(Account::for_config).collect();
         let max_in_flight = settings.messaging.max_in_flight;
         let this = Arc::new(Self {
             twilio: TwilioClient::new(Duration::from_secs(15)),
@@ -131,6 +120,7 @@ impl Messaging {
             in_flight: Arc::new(Semaphore::new(max_in_flight)),
             delivering: dashmap::DashSet::new(),
             redeliver: dashmap::DashSet::new(),
+            inboxes: Arc::default(),
             me: std::sync::OnceLock::new(),
             early_status: std::sync::Mutex::default(),
             waiting: store
@@ -275,7 +265,7 @@ impl Messaging {
             lease: 0,
         };
         match self.store.insert_messages(vec![notice]).await {
-            Ok(_) => {}
+            Ok(_) => self.inboxes.fall_back_to_store(&owner),
             Err(e) => {
                 self.metrics.store_errors.inc();
                 tracing::error!(error = %e, "cannot queue a notice for a phone");

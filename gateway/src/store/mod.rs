@@ -235,6 +235,10 @@ pub struct MessageFilter {
 }
 
 /// The outcome of recording an inbound webhook.
+/// Runs right after a commit, before the writer answers anyone else: what it does happens in
+/// commit order. It must be quick.
+pub type OnCommit = Box<dyn FnOnce(&[i64]) + Send>;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Recorded {
     New(Vec<i64>),
@@ -270,11 +274,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records an inbound webhook once: if `dedupe_keys` (MessageSid, idempotency token) are new,
     /// inserts `messages`, remembers the keys, and applies an opt-out or opt-in, atomically.
+    /// `on_commit` gets the new ids once they are durable, in commit order across all callers.
     fn record_inbound(
         &self,
         dedupe_keys: Vec<String>,
         messages: Vec<NewMessage>,
         opt_out: Option<(String, String, bool)>,
+        on_commit: OnCommit,
     ) -> impl Future<Output = Result<Recorded, StoreError>> + Send;
 
     /// Extends the lease of a claimed message if `lease` still holds it; `false` means another
@@ -409,7 +415,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
     ) -> impl Future<Output = Result<(u64, u64, Option<i64>), StoreError>> + Send;
 
-    /// Inbound messages still waiting for an extension (its mailbox size).
+    /// Inbound messages still waiting for an extension (its mailbox size; bounded by the cap).
     fn pending_count(
         &self,
         extension: String,

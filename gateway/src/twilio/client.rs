@@ -4,18 +4,45 @@ use crate::config::Secret;
 use serde::Deserialize;
 use std::time::Duration;
 
-/// Where and as whom to call the API.
+/// Where and as whom to call the API. Built once per SMS configuration, so the hot path (one
+/// POST per message) reuses the parsed URL and the encoded credentials.
 #[derive(Debug, Clone)]
 pub struct Account {
     pub api_base: String,
     pub account_sid: String,
-    /// Account SID or API key SID.
-    pub username: String,
-    /// Auth token or API key secret.
-    pub password: Secret,
+    /// `Authorization: Basic …` with the Account SID (or API key SID) and the Auth Token (or
+    /// API key secret); marked sensitive so it never shows in debug output.
+    authorization: reqwest::header::HeaderValue,
+    messages_url: String,
 }
 
 impl Account {
+    pub fn for_config(sms: &crate::config::SmsConfig) -> Self {
+        use crate::config::TwilioAuth;
+        let (username, password): (&str, &Secret) = match &sms.auth {
+            TwilioAuth::AuthToken => (&sms.account_sid, &sms.auth_token),
+            TwilioAuth::ApiKey { sid, secret } => (sid, secret),
+        };
+        Self::new(&sms.api_base, &sms.account_sid, username, password)
+    }
+
+    pub fn new(api_base: &str, account_sid: &str, username: &str, password: &Secret) -> Self {
+        use base64::Engine;
+        let basic = base64::engine::general_purpose::STANDARD
+            .encode(format!("{username}:{}", password.expose()));
+        let mut authorization = reqwest::header::HeaderValue::from_str(&format!("Basic {basic}"))
+            .expect("base64 is a valid header value");
+        authorization.set_sensitive(true);
+        let mut account = Self {
+            api_base: api_base.to_string(),
+            account_sid: account_sid.to_string(),
+            authorization,
+            messages_url: String::new(),
+        };
+        account.messages_url = account.url("Messages.json");
+        account
+    }
+
     fn url(&self, path: &str) -> String {
         format!(
             "{}/2010-04-01/Accounts/{}/{path}",
@@ -192,6 +219,8 @@ impl TwilioClient {
             .timeout(request_timeout)
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(1024)
+            // The API never redirects; a POST must not be replayed elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("smsgw/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("a TLS backend is compiled in");
@@ -199,11 +228,13 @@ impl TwilioClient {
     }
 
     pub async fn send(&self, account: &Account, request: &SendRequest) -> SendOutcome {
-        let url = account.url("Messages.json");
         let sent = self
             .http
-            .post(&url)
-            .basic_auth(&account.username, Some(account.password.expose()))
+            .post(&account.messages_url)
+            .header(
+                reqwest::header::AUTHORIZATION,
+                account.authorization.clone(),
+            )
             .form(&request.form())
             .send()
             .await;
@@ -267,7 +298,10 @@ impl TwilioClient {
         let resp = self
             .http
             .get(url)
-            .basic_auth(&account.username, Some(account.password.expose()))
+            .header(
+                reqwest::header::AUTHORIZATION,
+                account.authorization.clone(),
+            )
             .send()
             .await
             .map_err(http_err)?;
@@ -313,8 +347,8 @@ impl TwilioClient {
         if let Some(f) = from {
             query.push(("From", f));
         }
-        let base = account.url("Messages.json");
-        let mut url = reqwest::Url::parse_with_params(&base, &query)
+        let base = &account.messages_url;
+        let mut url = reqwest::Url::parse_with_params(base, &query)
             .map_err(|e| ClientError::Decode {
                 url: base.clone(),
                 source: serde::de::Error::custom(e),
@@ -369,7 +403,10 @@ impl TwilioClient {
         let resp = self
             .http
             .post(&url)
-            .basic_auth(&account.username, Some(account.password.expose()))
+            .header(
+                reqwest::header::AUTHORIZATION,
+                account.authorization.clone(),
+            )
             .form(&[("SmsUrl", sms_url), ("SmsMethod", "POST")])
             .send()
             .await
