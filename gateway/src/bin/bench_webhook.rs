@@ -86,6 +86,41 @@ fn ok_for(request: &str) -> String {
     out
 }
 
+/// Keep-alive connections the generator posts on.
+const CONNECTIONS: usize = 64;
+
+/// Writes one request and reads its response (status line, headers, Content-Length body);
+/// returns the status, or 0 if the connection failed.
+async fn exchange(conn: &mut tokio::net::TcpStream, request: &[u8], buf: &mut Vec<u8>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if conn.write_all(request).await.is_err() {
+        return 0;
+    }
+    buf.clear();
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length: usize = between(&head, "content-length: ", '\r')
+                .or_else(|| head.split("content-length: ").nth(1))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + length {
+                let mut chunk = [0u8; 4096];
+                match conn.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return 0,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            return head.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        }
+        let mut chunk = [0u8; 4096];
+        match conn.read(&mut chunk).await {
+            Ok(0) | Err(_) => return 0,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Stats {
     http_ok: u64,
@@ -191,7 +226,7 @@ api_base = "http://127.0.0.1:9"
             let (ua, stats, sent_at) = (ua.clone(), stats.clone(), sent_at.clone());
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
-                let mut seen = std::collections::HashSet::new();
+                let mut seen = HashMap::new();
                 loop {
                     let Ok((n, from)) = ua.recv_from(&mut buf).await else {
                         continue;
@@ -208,10 +243,19 @@ api_base = "http://127.0.0.1:9"
                     else {
                         continue;
                     };
+                    // A retransmission (same Call-ID) is the same delivery; the same text in
+                    // another transaction is a duplicate.
+                    let call_id = between(&text, "Call-ID: ", '\r').unwrap_or_default().to_string();
                     let mut st = stats.lock().expect("lock");
-                    if !seen.insert(seq) {
-                        st.duplicates += 1;
-                        continue;
+                    match seen.get(&seq) {
+                        Some(first) if *first == call_id => continue,
+                        Some(_) => {
+                            st.duplicates += 1;
+                            continue;
+                        }
+                        None => {
+                            seen.insert(seq, call_id);
+                        }
                     }
                     st.delivered += 1;
                     if let Some(t) = sent_at.lock().expect("lock").get(&seq) {
@@ -220,69 +264,92 @@ api_base = "http://127.0.0.1:9"
                 }
             });
         }
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(256)
-            .build()
-            .expect("client");
+        // Twilio signs on its own machines: every webhook is signed and encoded before the
+        // clock starts, so the generator's share of these two cores is sending, not hashing.
+        let target = url::Url::parse(&webhook_url).expect("webhook URL");
+        let path = target.path().to_string();
+        let host = format!(
+            "{}:{}",
+            target.host_str().expect("host"),
+            target.port().expect("port")
+        );
+        let requests: Vec<Vec<u8>> = (0..total)
+            .map(|i| {
+                let sid = format!("SM{i:032x}");
+                let params: Vec<(String, String)> = vec![
+                    ("AccountSid".into(), ACCOUNT.into()),
+                    ("ApiVersion".into(), "2010-04-01".into()),
+                    ("Body".into(), format!("hello seq {i}")),
+                    ("From".into(), "+15551234567".into()),
+                    ("MessageSid".into(), sid.clone()),
+                    ("NumMedia".into(), "0".into()),
+                    ("SmsMessageSid".into(), sid.clone()),
+                    ("SmsSid".into(), sid),
+                    ("SmsStatus".into(), "received".into()),
+                    ("To".into(), exts[(i % exts.len() as u64) as usize].1.clone()),
+                ];
+                let sig = smsgw::twilio::signature::compute(TOKEN, &webhook_url, &params);
+                let body = url::form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(&params)
+                    .finish();
+                format!(
+                    "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/x-www-form-urlencoded\r\n\
+                     X-Twilio-Signature: {sig}\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .into_bytes()
+            })
+            .collect();
+        // Keep-alive connections, one request in flight on each, like Twilio's webhook client;
+        // a due webhook waits for a free connection, and its latency counts from when it was due
+        // (no coordinated omission).
+        let (due_tx, due_rx) = tokio::sync::mpsc::channel::<(Vec<u8>, Instant)>(total as usize);
+        // Every connection takes the next due webhook (tokio's mpsc has one consumer).
+        let due_rx = Arc::new(tokio::sync::Mutex::new(due_rx));
+        for _ in 0..CONNECTIONS {
+            let (due_rx, stats) = (due_rx.clone(), stats.clone());
+            let addr: SocketAddr = host.parse().expect("addr");
+            tokio::spawn(async move {
+                let Ok(mut conn) = tokio::net::TcpStream::connect(addr).await else {
+                    return;
+                };
+                let _ = conn.set_nodelay(true);
+                let mut buf = Vec::with_capacity(4096);
+                loop {
+                    let next = due_rx.lock().await.recv().await;
+                    let Some((request, due)) = next else {
+                        break;
+                    };
+                    let code = exchange(&mut conn, &request, &mut buf).await;
+                    let mut st = stats.lock().expect("lock");
+                    st.http_latency.push(due.elapsed().as_micros() as u32);
+                    if code == 200 {
+                        st.http_ok += 1;
+                    } else {
+                        *st.http_other.entry(code).or_default() += 1;
+                    }
+                }
+            });
+        }
         let interval = Duration::from_secs_f64(1.0 / f64::from(rate));
         let begin = Instant::now();
-        let mut tasks = tokio::task::JoinSet::new();
-        for i in 0..total {
+        for (i, request) in requests.into_iter().enumerate() {
             let due = begin + interval.mul_f64(i as f64);
             if due > Instant::now() {
                 tokio::time::sleep_until(due.into()).await;
             }
-            let sid = format!("SM{i:032x}");
-            let params: Vec<(String, String)> = vec![
-                ("AccountSid".into(), ACCOUNT.into()),
-                ("ApiVersion".into(), "2010-04-01".into()),
-                ("Body".into(), format!("hello seq {i}")),
-                ("From".into(), "+15551234567".into()),
-                ("MessageSid".into(), sid.clone()),
-                ("NumMedia".into(), "0".into()),
-                ("SmsMessageSid".into(), sid.clone()),
-                ("SmsSid".into(), sid),
-                ("SmsStatus".into(), "received".into()),
-                (
-                    "To".into(),
-                    exts[(i % exts.len() as u64) as usize].1.clone(),
-                ),
-            ];
-            let sig = smsgw::twilio::signature::compute(TOKEN, &webhook_url, &params);
-            let (client, url, stats, sent_at) = (
-                client.clone(),
-                webhook_url.clone(),
-                stats.clone(),
-                sent_at.clone(),
-            );
-            tasks.spawn(async move {
-                let t = Instant::now();
-                sent_at.lock().expect("lock").insert(i, t);
-                let resp = client
-                    .post(&url)
-                    .header("X-Twilio-Signature", sig)
-                    .form(&params)
-                    .send()
-                    .await;
-                let code = match resp {
-                    Ok(r) => {
-                        let c = r.status().as_u16();
-                        let _ = r.bytes().await;
-                        c
-                    }
-                    Err(_) => 0,
-                };
-                let mut st = stats.lock().expect("lock");
-                st.http_latency.push(t.elapsed().as_micros() as u32);
-                if code == 200 {
-                    st.http_ok += 1;
-                } else {
-                    *st.http_other.entry(code).or_default() += 1;
-                }
-            });
-            while tasks.try_join_next().is_some() {}
+            sent_at.lock().expect("lock").insert(i as u64, due);
+            let _ = due_tx.send((request, due)).await;
         }
-        while tasks.join_next().await.is_some() {}
+        drop(due_tx);
+        let answered = Instant::now() + Duration::from_secs(20);
+        while {
+            let st = stats.lock().expect("lock");
+            st.http_ok + st.http_other.values().sum::<u64>() < total
+        } && Instant::now() < answered
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         let deadline = Instant::now() + Duration::from_secs(20);
         while stats.lock().expect("lock").delivered < total && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 /// Most jobs committed together.
 const BATCH: usize = 512;
 /// Commits are at least this far apart; an idle store commits at once.
-const MIN_COMMIT_GAP: std::time::Duration = std::time::Duration::from_millis(1);
+const MIN_COMMIT_GAP: std::time::Duration = std::time::Duration::from_micros(500);
 
 /// Versioned schema changes, applied in order; `PRAGMA user_version` records how many ran.
 const MIGRATIONS: &[&str] = &[
@@ -194,12 +194,10 @@ type Reply = Box<dyn FnOnce(Result<(), String>) + Send>;
 /// A query on the reader connection.
 type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 
-/// How often the checkpointer thread copies the WAL back into the database file.
-const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
-/// How often the writer finishes a checkpoint itself between batches. Only a checkpoint that
-/// leaves nothing behind lets the next commit start the WAL over; the checkpointer thread has
-/// usually copied all but the last few frames, so this one is short.
-const WRITER_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// How often the writer copies the WAL back into the database file, between batches (never
+/// inside a commit, where SQLite's own automatic checkpoint would stall that batch's callers).
+/// With no other writer, each checkpoint completes, so the WAL starts over and stays small.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[derive(Clone)]
 pub struct SqliteStore {
@@ -208,29 +206,26 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) `dir/smsgw.db`, migrates it, and starts three threads: the
-    /// writer (group commit), a reader (queries never wait for a commit's fsync), and a
-    /// checkpointer (WAL checkpoints never run inside a commit, where they would stall every
-    /// caller of that batch).
+    /// Opens (creating if needed) `dir/smsgw.db`, migrates it, and starts two threads: the
+    /// writer (group commit and checkpoints) and a reader (queries never wait for a commit's
+    /// fsync).
     pub async fn open(dir: &Path) -> Result<Self, StoreError> {
         let dir = dir.to_path_buf();
-        let (writer, reader, checkpointer) = tokio::task::spawn_blocking(move || {
+        let (writer, reader) = tokio::task::spawn_blocking(move || {
             let writer = open_and_migrate(&dir)?;
             let reader = open_more(&dir)?;
             reader.pragma_update(None, "query_only", "ON")?;
-            Ok::<_, StoreError>((writer, reader, open_more(&dir)?))
+            Ok::<_, StoreError>((writer, reader))
         })
         .await
         .map_err(|_| StoreError::Closed)??;
         let thread_error =
             |e: std::io::Error| StoreError::Corrupt(format!("cannot start a database thread: {e}"));
         let (jobs, mut rx) = mpsc::channel::<Job>(4096);
-        let (stop_checkpoints, stopped) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("smsgw-sqlite".into())
             .spawn(move || {
                 let conn = writer;
-                let _stop_checkpoints = stop_checkpoints;
                 let mut batch = Vec::with_capacity(BATCH);
                 let mut last_commit = std::time::Instant::now();
                 let mut last_checkpoint = last_commit;
@@ -250,23 +245,11 @@ impl SqliteStore {
                     }
                     run_batch(&conn, &mut batch);
                     last_commit = std::time::Instant::now();
-                    if last_checkpoint.elapsed() >= WRITER_CHECKPOINT_EVERY {
+                    if last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
                         checkpoint(&conn);
                         last_checkpoint = std::time::Instant::now();
                     }
                 }
-            })
-            .map_err(thread_error)?;
-        std::thread::Builder::new()
-            .name("smsgw-sqlite-ckpt".into())
-            .spawn(move || {
-                // Ends when the writer thread does (its end of the channel is dropped).
-                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-                    stopped.recv_timeout(CHECKPOINT_EVERY)
-                {
-                    checkpoint(&checkpointer);
-                }
-                checkpoint(&checkpointer);
             })
             .map_err(thread_error)?;
         let (reads, mut read_rx) = mpsc::channel::<ReadJob>(4096);
@@ -329,8 +312,8 @@ impl SqliteStore {
     }
 }
 
-/// Copies what it can of the WAL into the database without waiting for anyone (another
-/// checkpoint under way makes this one a no-op).
+/// Copies the WAL into the database file (PASSIVE: a query under way on the reader is not
+/// waited for; what it still reads is copied next time).
 fn checkpoint(conn: &Connection) {
     if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
         tracing::warn!(error = %e, "database checkpoint failed");
@@ -384,7 +367,7 @@ fn open_and_migrate(dir: &Path) -> Result<Connection, StoreError> {
     })?;
     let mut conn = open_more(dir)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    // The checkpointer thread does it, outside the commit path.
+    // The writer thread does it between batches, outside the commit path.
     conn.pragma_update(None, "wal_autocheckpoint", 0)?;
     migrate(&mut conn)?;
     Ok(conn)
