@@ -133,6 +133,85 @@ fn an_offline_phone_gets_its_texts_after_registering_even_across_a_restart() {
 }
 
 #[test]
+fn trunk_forward_and_long_texts_reach_their_targets() {
+    let sim = Sim::start();
+    let rule = format!(
+        "[[inbound_rules]]\nname = \"to the pbx\"\ndid = [\"{DID_SPARE}\"]\nto = [\"trunk:pbx\"]\n\n\
+         [[inbound_rules]]\nname = \"to a mobile\"\ndid = [\"{DID_102_A}\"]\nto = [\"forward:+15557654321\"]\n"
+    );
+    let gw = Gateway::start_messaging("in-trunk", &sim, &rule);
+    // The trunk peer of the test config: sip:127.0.0.2:5099.
+    let pbx = netsip_trunk("127.0.0.2:5099", 6);
+    eventually(5, "the PBX listening", || {
+        std::net::UdpSocket::bind("127.0.0.2:5099")
+            .err()
+            .map(|_| ())
+    });
+    let phone = netsip_listener(gw.sip_udp, "101", "pw101", 6, 200);
+    eventually(10, "101 registered", || {
+        Some(()).filter(|_| !gw.registrations_of("101").is_empty())
+    });
+    let url = gw.webhook_url();
+    let long: String = (0..400)
+        .map(|i| format!("w{i}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(long.len() > 1300);
+    assert_eq!(
+        sim.inbound(sms("+15550004444", DID_101, &long), &url)["status"],
+        200
+    );
+    assert_eq!(
+        sim.inbound(sms("+15550004444", DID_SPARE, "for the pbx"), &url)["status"],
+        200
+    );
+    assert_eq!(
+        sim.inbound(sms("+15550004444", DID_102_A, "call me"), &url)["status"],
+        200
+    );
+    eventually(10, "both delivered", || {
+        Some(()).filter(|_| gw.messages("?direction=inbound&status=delivered").len() == 2)
+    });
+    // A forward target is an SMS from the DID that was texted, saying who wrote.
+    let forwarded = eventually(10, "the forward sent", || {
+        sim.sends().into_iter().find(|s| {
+            s["form"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p[0] == "To" && p[1] == "+15557654321")
+        })
+    });
+    let form = forwarded["form"].as_array().unwrap();
+    let param = |k: &str| {
+        form.iter()
+            .find(|p| p[0] == k)
+            .map(|p| p[1].as_str().unwrap())
+    };
+    assert_eq!(param("From"), Some(DID_102_A));
+    assert_eq!(param("Body"), Some("From +15550004444: call me"));
+    let out = output(phone);
+    // Over UDP a MESSAGE stays under 1300 bytes: the text came in parts, in order, whole.
+    let parts: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("MESSAGE from="))
+        .filter_map(|l| l.split_once(" body=").map(|(_, b)| b))
+        .collect();
+    assert!(parts.len() >= 2, "not split: {out}");
+    assert_eq!(parts.concat(), long, "{out}");
+    let out = output(pbx);
+    let line = out
+        .lines()
+        .find(|l| l.contains("body=for the pbx"))
+        .unwrap_or_else(|| panic!("the PBX got nothing: {out}"));
+    assert!(line.contains(&format!("to=<sip:{DID_SPARE}@")), "{line}");
+    assert!(
+        line.contains("from=\"+15550004444\" <sip:+15550004444@"),
+        "{line}"
+    );
+}
+
+#[test]
 fn a_phone_answering_480_is_retried_then_the_text_expires() {
     let sim = Sim::start();
     let gw = Gateway::start_messaging(

@@ -815,6 +815,18 @@ pub fn netsip_listener(
         .unwrap_or_else(|e| panic!("cannot run Net::SIP ({e}); {NETSIP_HINT}"))
 }
 
+/// Net::SIP as a PBX trunk peer bound to `local` (no registration), answering every MESSAGE
+/// with 200 for `seconds`.
+pub fn netsip_trunk(local: &str, seconds: u32) -> Child {
+    Command::new("perl")
+        .arg(workspace().join("tests/peers/netsip-ua.pl"))
+        .args(["listen", local, &seconds.to_string(), "200", "udp"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run Net::SIP ({e}); {NETSIP_HINT}"))
+}
+
 /// Polls `check` every 100 ms until it returns Some, for at most `secs`.
 pub fn eventually<T>(secs: u64, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + Duration::from_secs(secs);
