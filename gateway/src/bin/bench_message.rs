@@ -68,6 +68,8 @@ struct Pending {
 #[derive(Default)]
 struct Stats {
     latencies: Vec<u32>,
+    /// Those of MESSAGEs sent after the first second (the HTTP pool to the stand-in has grown).
+    steady: Vec<u32>,
     ok: u64,
     failed: HashMap<u16, u64>,
     retransmitted: u64,
@@ -93,6 +95,7 @@ async fn run(args: &Args, gw: SocketAddr) -> (Stats, Duration, u64) {
     let sockets: Vec<Arc<tokio::net::UdpSocket>> = (0..args.sockets)
         .map(|_| Arc::new(support::udp_socket()))
         .collect();
+    let rate = args.rate;
     for s in &sockets {
         let (s, pending, stats) = (s.clone(), pending.clone(), stats.clone());
         tokio::spawn(async move {
@@ -114,7 +117,11 @@ async fn run(args: &Args, gw: SocketAddr) -> (Stats, Duration, u64) {
                     continue;
                 };
                 let mut st = stats.lock().expect("lock");
-                st.latencies.push(p.first_sent.elapsed().as_micros() as u32);
+                let micros = p.first_sent.elapsed().as_micros() as u32;
+                st.latencies.push(micros);
+                if i >= u64::from(rate) {
+                    st.steady.push(micros);
+                }
                 if p.retransmitted {
                     st.retransmitted += 1;
                 }
@@ -309,6 +316,7 @@ sender = "did:{DID}"
     let sim_stats: serde_json::Value =
         serde_json::from_str(&http_json(sim_addr, "GET", "/_sim/stats", "")).unwrap_or_default();
     st.latencies.sort_unstable();
+    st.steady.sort_unstable();
     let total = u64::from(args.rate) * u64::from(args.secs);
     let pct = |n: u64| 100.0 * n as f64 / total as f64;
     println!(
@@ -335,6 +343,12 @@ sender = "did:{DID}"
         support::percentile_ms(&st.latencies, 0.5),
         support::percentile_ms(&st.latencies, 0.99),
         support::percentile_ms(&st.latencies, 1.0)
+    );
+    println!(
+        "  after the first second: p50 {:.2}  p99 {:.2}  max {:.2}",
+        support::percentile_ms(&st.steady, 0.5),
+        support::percentile_ms(&st.steady, 0.99),
+        support::percentile_ms(&st.steady, 1.0)
     );
     println!(
         "CPU seconds: gateway {gw_cpu:.2}, stand-in {sim_cpu:.2}, load generator {own_cpu:.2}; gateway RSS {} KiB",
