@@ -28,6 +28,9 @@ const INBOX_MEMORY: usize = 256;
 struct Inbox {
     queue: std::collections::VecDeque<Message>,
     complete: bool,
+    /// A deliverer runs for this owner. Memory holds messages only then or while complete, so an
+    /// offline phone's texts wait in the store, not here.
+    active: bool,
     generation: u64,
     /// The last id delivered (or given up) in order; anything at or below it is done.
     upto: i64,
@@ -42,7 +45,7 @@ impl Inboxes {
     /// A message that has just committed (called in commit order, on the database thread).
     pub fn hand_over(&self, owner: Owner, m: Message) {
         let mut inbox = self.0.entry(owner).or_default();
-        if m.id <= inbox.upto {
+        if m.id <= inbox.upto || !(inbox.complete || inbox.active) {
             return;
         }
         if inbox.queue.len() >= INBOX_MEMORY {
@@ -53,6 +56,23 @@ impl Inboxes {
         } else {
             inbox.queue.push_back(m);
         }
+    }
+
+    /// Marks a deliverer running for `owner` until the guard is dropped; then, unless memory
+    /// holds everything, it is let go.
+    fn activate<'a>(&'a self, owner: &Owner) -> impl Drop + 'a {
+        struct Active<'a>(&'a Inboxes, Owner);
+        impl Drop for Active<'_> {
+            fn drop(&mut self) {
+                let mut inbox = self.0 .0.entry(self.1.clone()).or_default();
+                inbox.active = false;
+                if !inbox.complete {
+                    inbox.queue.clear();
+                }
+            }
+        }
+        self.0.entry(owner.clone()).or_default().active = true;
+        Active(self, owner.clone())
     }
 
     /// Something reached `owner`'s inbox without a hand-over (a notice) or delivery stopped
@@ -164,6 +184,7 @@ impl Messaging {
             return;
         };
         let (extension, trunk) = owner.columns();
+        let _active = self.inboxes.activate(owner);
         let mut after_id = 0;
         loop {
             let batch = match self.inboxes.take(owner) {
@@ -573,9 +594,11 @@ mod tests {
     fn handed_over_messages_are_used_only_once_memory_holds_everything() {
         let owner = Owner::Extension("101".into());
         let inboxes = Inboxes::default();
-        // Nothing is known yet (a fresh start): read the store.
-        inboxes.hand_over(owner.clone(), row(4));
+        // No deliverer and nothing known (a fresh start, or an offline phone): the store keeps it.
+        inboxes.hand_over(owner.clone(), row(2));
+        let active = inboxes.activate(&owner);
         assert_eq!(ids(inboxes.take(&owner)), None);
+        inboxes.hand_over(owner.clone(), row(4));
         // A store read saw 3 and 4 pending; 5 committed after it and was handed over; 4's
         // hand-over was late (it came after the read that found it).
         let generation = inboxes.generation(&owner);
@@ -587,12 +610,17 @@ mod tests {
         inboxes.hand_over(owner.clone(), row(7));
         assert_eq!(ids(inboxes.take(&owner)), Some(vec![6, 7]));
         assert_eq!(ids(inboxes.take(&owner)), Some(vec![]));
+        // Caught up, the deliverer stops; what commits next waits in memory for the next run.
+        drop(active);
+        inboxes.hand_over(owner.clone(), row(8));
+        assert_eq!(ids(inboxes.take(&owner)), Some(vec![8]));
     }
 
     #[test]
     fn memory_dropped_during_a_store_read_keeps_the_store_in_charge() {
         let owner = Owner::Trunk("pbx".into());
         let inboxes = Inboxes::default();
+        let active = inboxes.activate(&owner);
         let generation = inboxes.generation(&owner);
         // A notice was queued (no hand-over) while the read was under way.
         inboxes.fall_back_to_store(&owner);
@@ -607,6 +635,12 @@ mod tests {
             inboxes.hand_over(owner.clone(), row(id));
         }
         assert_eq!(ids(inboxes.take(&owner)), None);
+        // A phone that stopped answering: the deliverer falls back and ends; later texts are not
+        // held in memory while nobody delivers.
+        inboxes.fall_back_to_store(&owner);
+        drop(active);
+        inboxes.hand_over(owner.clone(), row(500));
+        assert!(inboxes.0.get(&owner).unwrap().queue.is_empty());
     }
 
     #[test]
