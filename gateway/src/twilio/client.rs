@@ -221,6 +221,9 @@ impl TwilioClient {
             .pool_max_idle_per_host(1024)
             // The API never redirects; a POST must not be replayed elsewhere.
             .redirect(reqwest::redirect::Policy::none())
+            // Only the outbox decides whether a message is sent again (after reconciling), never
+            // the HTTP layer; this also spares a copy of every request kept for a replay.
+            .retry(reqwest::retry::never().max_retries_per_request(0))
             .user_agent(concat!("smsgw/", env!("CARGO_PKG_VERSION")))
             .build()
             .expect("a TLS backend is compiled in");
