@@ -174,13 +174,7 @@ fn trunk_forward_and_long_texts_reach_their_targets() {
     });
     // A forward target is an SMS from the DID that was texted, saying who wrote.
     let forwarded = eventually(10, "the forward sent", || {
-        sim.sends().into_iter().find(|s| {
-            s["form"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|p| p[0] == "To" && p[1] == "+15557654321")
-        })
+        sim.send_with("To", "+15557654321")
     });
     let form = forwarded["form"].as_array().unwrap();
     let param = |k: &str| {
@@ -300,13 +294,7 @@ fn stop_is_recorded_and_later_texts_to_that_number_are_refused() {
         200
     );
     eventually(10, "help reply sent", || {
-        sim.sends().into_iter().find(|s| {
-            s["form"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|p| p[0] == "Body" && p[1] == "Help: call us")
-        })
+        sim.send_with("Body", "Help: call us")
     });
 }
 

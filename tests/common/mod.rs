@@ -438,6 +438,15 @@ impl Sim {
             .collect()
     }
 
+    /// The first request sent to the stand-in with form parameter `name` = `value`.
+    pub fn send_with(&self, name: &str, value: &str) -> Option<serde_json::Value> {
+        self.sends().into_iter().find(|s| {
+            s["form"]
+                .as_array()
+                .is_some_and(|f| f.iter().any(|p| p[0] == name && p[1] == value))
+        })
+    }
+
     pub fn messages(&self) -> Vec<serde_json::Value> {
         self.get_json("/_sim/messages").as_array().unwrap().clone()
     }

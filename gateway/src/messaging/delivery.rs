@@ -562,27 +562,8 @@ mod tests {
     use super::*;
 
     fn row(id: i64) -> Message {
-        let new = crate::store::NewMessage {
-            direction: crate::store::Direction::Inbound,
-            kind: Kind::Sms,
-            sms_config: "main".into(),
-            extension: Some("101".into()),
-            trunk: None,
-            remote: "+15551234567".into(),
-            sender: "+15017122661".into(),
-            body: format!("text {id}"),
-            media: vec![],
-            twilio_sid: None,
-            status: MessageStatus::Pending,
-            segments: 1,
-            now: 0,
-            attempts: 0,
-            next_attempt_at: Some(0),
-            expires_at: None,
-            in_doubt: false,
-            meta: serde_json::json!({}),
-            lease: 0,
-        };
+        let mut new = crate::store::NewMessage::sample(crate::store::Direction::Inbound, 0);
+        new.body = format!("text {id}");
         Message::stored(id, new)
     }
 

@@ -344,32 +344,9 @@ mod tests {
 
     #[test]
     fn failure_notice_in_plain_words() {
-        let m = Message {
-            id: 1,
-            direction: Direction::Outbound,
-            kind: Kind::Sms,
-            sms_config: "x".into(),
-            extension: Some("101".into()),
-            trunk: None,
-            remote: "+15551234567".into(),
-            sender: "+15017122661".into(),
-            body: "hi".into(),
-            media: vec![],
-            twilio_sid: None,
-            status: MessageStatus::Undelivered,
-            error_code: Some(30007),
-            error_message: None,
-            segments: 1,
-            created_at: 0,
-            updated_at: 0,
-            attempts: 1,
-            next_attempt_at: None,
-            expires_at: None,
-            in_doubt: false,
-            meta: serde_json::json!({}),
-            reconcile: false,
-            lease: 0,
-        };
+        let mut m = Message::stored(1, NewMessage::sample(Direction::Outbound, 0));
+        m.status = MessageStatus::Undelivered;
+        m.error_code = Some(30007);
         assert_eq!(
             failure_text(&m),
             "Not delivered to +1 555 123 4567: 30007 message filtered by the carrier"

@@ -235,6 +235,34 @@ pub struct MessageFilter {
 }
 
 /// The outcome of recording an inbound webhook.
+#[cfg(test)]
+impl NewMessage {
+    /// A plain text between extension 101's DID and +15551234567, queued at `now`, for tests.
+    pub fn sample(direction: Direction, now: i64) -> Self {
+        Self {
+            direction,
+            kind: Kind::Sms,
+            sms_config: "main".into(),
+            extension: Some("101".into()),
+            trunk: None,
+            remote: "+15551234567".into(),
+            sender: "+15017122661".into(),
+            body: "hi".into(),
+            media: vec![],
+            twilio_sid: None,
+            status: MessageStatus::Stored,
+            segments: 1,
+            now,
+            attempts: 0,
+            next_attempt_at: Some(now),
+            expires_at: Some(now + 36_000_000),
+            in_doubt: false,
+            meta: serde_json::json!({}),
+            lease: 0,
+        }
+    }
+}
+
 /// Runs right after a commit, before the writer answers anyone else: what it does happens in
 /// commit order. It must be quick.
 pub type OnCommit = Box<dyn FnOnce(&[i64]) + Send>;

@@ -1037,27 +1037,7 @@ mod tests {
     }
 
     fn outbound(now: i64) -> NewMessage {
-        NewMessage {
-            direction: Direction::Outbound,
-            kind: Kind::Sms,
-            sms_config: "main".into(),
-            extension: Some("101".into()),
-            trunk: None,
-            remote: "+15551234567".into(),
-            sender: "+15017122661".into(),
-            body: "hi".into(),
-            media: vec![],
-            twilio_sid: None,
-            status: MessageStatus::Stored,
-            segments: 1,
-            now,
-            attempts: 0,
-            next_attempt_at: Some(now),
-            expires_at: Some(now + 36_000_000),
-            in_doubt: false,
-            meta: serde_json::json!({}),
-            lease: 0,
-        }
+        NewMessage::sample(Direction::Outbound, now)
     }
 
     #[tokio::test]
