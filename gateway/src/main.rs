@@ -100,8 +100,10 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+/// One-shot commands and the stand-in run on one thread: they never need more, and a stand-in
+/// sharing a machine with the gateway under test should not add wakeups across cores.
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
-    tokio::runtime::Builder::new_multi_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("async runtime")
