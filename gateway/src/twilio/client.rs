@@ -66,6 +66,14 @@ pub struct MessageResource {
     pub date_created: Option<String>,
 }
 
+/// What sending needs of the Message resource Twilio created (the rest of it is skipped
+/// without being copied: this is parsed once per message sent).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Accepted {
+    pub sid: Option<String>,
+    pub status: Option<String>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 struct MessageList {
     #[serde(default)]
@@ -111,7 +119,7 @@ impl ApiError {
 /// What a send came to.
 #[derive(Debug, Clone)]
 pub enum SendOutcome {
-    Created(MessageResource),
+    Created(Accepted),
     /// A final refusal (4xx other than 429): do not retry.
     Rejected(ApiError),
     /// Try again later. `in_doubt`: the request may have been processed (timeout after sending,
@@ -176,24 +184,25 @@ pub struct SendRequest {
 }
 
 impl SendRequest {
-    pub fn form(&self) -> Vec<(String, String)> {
-        let mut form = vec![("To".to_string(), self.to.clone())];
+    /// The form parameters, borrowed: encoded once per message sent.
+    pub fn form(&self) -> Vec<(&str, &str)> {
+        let mut form = vec![("To", self.to.as_str())];
         if let Some(f) = &self.from {
-            form.push(("From".into(), f.clone()));
+            form.push(("From", f));
         }
         if let Some(m) = &self.messaging_service_sid {
-            form.push(("MessagingServiceSid".into(), m.clone()));
+            form.push(("MessagingServiceSid", m));
         }
         if !self.body.is_empty() {
-            form.push(("Body".into(), self.body.clone()));
+            form.push(("Body", &self.body));
         }
         for url in &self.media_urls {
-            form.push(("MediaUrl".into(), url.clone()));
+            form.push(("MediaUrl", url));
         }
         if let Some(cb) = &self.status_callback {
-            form.push(("StatusCallback".into(), cb.clone()));
+            form.push(("StatusCallback", cb));
         }
-        form.extend(self.extra.iter().cloned());
+        form.extend(self.extra.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         form
     }
 }
@@ -266,7 +275,7 @@ impl TwilioClient {
             }
         };
         match status {
-            200..=299 => match serde_json::from_slice::<MessageResource>(&body) {
+            200..=299 => match serde_json::from_slice::<Accepted>(&body) {
                 Ok(m) => SendOutcome::Created(m),
                 Err(e) => SendOutcome::Retry {
                     after: None,
@@ -495,7 +504,7 @@ mod tests {
             ..SendRequest::default()
         };
         let form = r.form();
-        assert_eq!(form.iter().filter(|(k, _)| k == "MediaUrl").count(), 2);
-        assert!(!form.iter().any(|(k, _)| k == "MessagingServiceSid"));
+        assert_eq!(form.iter().filter(|(k, _)| *k == "MediaUrl").count(), 2);
+        assert!(!form.iter().any(|(k, _)| *k == "MessagingServiceSid"));
     }
 }
