@@ -375,9 +375,8 @@ impl Messaging {
         for target in targets {
             match target {
                 Target::Extension(ext) => {
-                    let cap = self.settings.messaging.max_pending_per_extension;
                     let pending = self.store.pending_count(ext.to_string()).await?;
-                    if pending >= cap {
+                    if pending >= self.settings.messaging.max_pending_per_extension {
                         let mut full =
                             row(Some(ext.to_string()), None, MessageStatus::Failed, false);
                         full.meta = serde_json::json!({"error": "mailbox full"});

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use std::time::Duration;
 
 /// Where and as whom to call the API. Built once per SMS configuration, so the hot path (one
-/// POST per message) reuses the parsed URL and the encoded credentials.
+/// POST per message) reuses the URL and the encoded credentials.
 #[derive(Debug, Clone)]
 pub struct Account {
     pub api_base: String,
@@ -26,7 +26,7 @@ impl Account {
         Self::new(&sms.api_base, &sms.account_sid, username, password)
     }
 
-    pub fn new(api_base: &str, account_sid: &str, username: &str, password: &Secret) -> Self {
+    fn new(api_base: &str, account_sid: &str, username: &str, password: &Secret) -> Self {
         use base64::Engine;
         let basic = base64::engine::general_purpose::STANDARD
             .encode(format!("{username}:{}", password.expose()));
