@@ -21,8 +21,20 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-/// Requests remembered for inspection; older ones are dropped.
+/// Entries each inspection list (requests, messages, media fetches, violations) keeps; older
+/// ones are dropped, so a stand-in left running stays bounded.
 const MAX_RECORDED: usize = 200_000;
+
+/// Appends to an inspection list, dropping its oldest tenth when it is full.
+fn keep<T>(list: &Mutex<Vec<T>>, items: impl IntoIterator<Item = T>) {
+    let mut list = list.lock().expect("lock");
+    for item in items {
+        if list.len() >= MAX_RECORDED {
+            list.drain(..MAX_RECORDED / 10);
+        }
+        list.push(item);
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct SimConfig {
@@ -194,11 +206,7 @@ impl SimState {
         form: &[(String, String)],
         status: u16,
     ) {
-        let mut r = self.requests.lock().expect("lock");
-        if r.len() >= MAX_RECORDED {
-            r.drain(..MAX_RECORDED / 10);
-        }
-        r.push(Recorded {
+        let recorded = Recorded {
             method: method.into(),
             path: path.into(),
             auth_user: basic_user(headers).map(|(u, _)| u),
@@ -207,7 +215,8 @@ impl SimState {
             at_ms: SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis()),
-        });
+        };
+        keep(&self.requests, [recorded]);
     }
 
     /// Checks a Messages create request against the OpenAPI schema: known names, required
@@ -271,7 +280,7 @@ impl SimState {
             }
         }
         if !problems.is_empty() {
-            self.violations.lock().expect("lock").extend(problems);
+            keep(&self.violations, problems);
         }
     }
 
@@ -501,7 +510,7 @@ fn create_message(s: &Arc<SimState>, form: &[(String, String)], mode: &Mode) -> 
         error_message: None,
     };
     let json = message_json(&s.config.account_sid, &message);
-    s.messages.lock().expect("lock").push(message.clone());
+    keep(&s.messages, [message.clone()]);
     for url in media {
         tokio::spawn(fetch_media(s.clone(), url));
     }
@@ -542,7 +551,7 @@ async fn fetch_media(s: Arc<SimState>, url: String) {
             content_type: String::new(),
         },
     };
-    s.media_fetches.lock().expect("lock").push(entry);
+    keep(&s.media_fetches, [entry]);
 }
 
 /// Signs (with `token`) and posts `params` to `url` as Twilio does.
@@ -957,6 +966,15 @@ async fn inbound(State(s): State<Arc<SimState>>, Json(req): Json<Inbound>) -> Re
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inspection_lists_stay_bounded_and_keep_the_newest() {
+        let list = Mutex::new(Vec::new());
+        keep(&list, 0..MAX_RECORDED + 1);
+        let list = list.into_inner().unwrap();
+        assert_eq!(list.len(), MAX_RECORDED - MAX_RECORDED / 10 + 1);
+        assert_eq!(list.last(), Some(&MAX_RECORDED));
+    }
 
     #[test]
     fn dates_for_the_list_filter() {
