@@ -276,6 +276,39 @@ fn a_failure_reaches_the_phone_as_a_message() {
 }
 
 #[test]
+fn a_cpim_phone_asking_for_delivery_notifications_gets_an_imdn() {
+    let sim = Sim::start();
+    let gw = Gateway::start_messaging("out-imdn", &sim, "");
+    let uri = format!("sip:5551234567@{}", gw.sip_udp);
+    let cpim = "From: <sip:101@127.0.0.1>\r\nTo: <sip:+15551234567@127.0.0.1>\r\n\
+                NS: imdn <urn:ietf:params:imdn>\r\nimdn.Message-ID: 34jk324j\r\n\
+                DateTime: 2026-11-23T00:00:00Z\r\n\
+                imdn.Disposition-Notification: positive-delivery, negative-delivery\r\n\r\n\
+                Content-Type: text/plain;charset=utf-8\r\n\r\nHello via CPIM";
+    let out = pjsua(
+        gw.sip_udp,
+        "udp",
+        "101",
+        "pw101",
+        Some((&uri, cpim, "message/cpim")),
+        4.0,
+    );
+    let out = text_of(&out);
+    assert!(out.contains("MESSAGE -> 202"), "{out}");
+    // Twilio got the text inside the CPIM wrapper; the phone got a positive delivery
+    // notification about its own message, instead of a plain-text notice.
+    assert_eq!(form(&sim.sends()[0], "Body"), ["Hello via CPIM"]);
+    let imdn = out
+        .lines()
+        .find(|l| l.starts_with("RECEIVED") && l.contains("ct=message/cpim"))
+        .unwrap_or_else(|| panic!("no IMDN: {out}"));
+    assert!(imdn.contains("<message-id>34jk324j</message-id>"), "{imdn}");
+    assert!(imdn.contains("<delivered/>"), "{imdn}");
+    assert!(imdn.contains("Content-Type: message/imdn+xml"), "{imdn}");
+    assert!(imdn.contains("from=<sip:+15551234567@"), "{imdn}");
+}
+
+#[test]
 fn a_full_outbox_survives_kill_9_and_is_sent_once() {
     let sim = Sim::start();
     let gw = Gateway::start_messaging(
