@@ -98,6 +98,13 @@ impl Inboxes {
         Some(batch)
     }
 
+    /// Whether `owner`'s mailbox surely holds fewer than `cap` texts, without asking the store:
+    /// while memory is complete, what waits is what memory holds plus at most one batch being
+    /// delivered (each at most `INBOX_MEMORY`).
+    pub fn surely_below(&self, owner: &Owner, cap: u64) -> bool {
+        self.0.get(owner).is_some_and(|i| i.complete) && 2 * INBOX_MEMORY as u64 + 1 < cap
+    }
+
     fn generation(&self, owner: &Owner) -> u64 {
         self.0.get(owner).map_or(0, |i| i.generation)
     }
@@ -591,6 +598,8 @@ mod tests {
         inboxes.hand_over(owner.clone(), row(7));
         assert_eq!(ids(inboxes.take(&owner)), Some(vec![6, 7]));
         assert_eq!(ids(inboxes.take(&owner)), Some(vec![]));
+        assert!(inboxes.surely_below(&owner, 1000));
+        assert!(!inboxes.surely_below(&owner, 2 * INBOX_MEMORY as u64));
         // Caught up, the deliverer stops; what commits next waits in memory for the next run.
         drop(active);
         inboxes.hand_over(owner.clone(), row(8));
@@ -607,6 +616,10 @@ mod tests {
         inboxes.fall_back_to_store(&owner);
         inboxes.caught_up(&owner, generation, 10);
         assert_eq!(ids(inboxes.take(&owner)), None);
+        assert!(
+            !inboxes.surely_below(&owner, 1000),
+            "not complete: ask the store"
+        );
         // The next read is clean.
         let generation = inboxes.generation(&owner);
         inboxes.caught_up(&owner, generation, 11);

@@ -375,8 +375,11 @@ impl Messaging {
         for target in targets {
             match target {
                 Target::Extension(ext) => {
-                    let pending = self.store.pending_count(ext.to_string()).await?;
-                    if pending >= self.settings.messaging.max_pending_per_extension {
+                    let cap = self.settings.messaging.max_pending_per_extension;
+                    let owner = Owner::Extension(ext.to_string());
+                    let mailbox_full = !self.inboxes.surely_below(&owner, cap)
+                        && self.store.pending_count(ext.to_string()).await? >= cap;
+                    if mailbox_full {
                         let mut full =
                             row(Some(ext.to_string()), None, MessageStatus::Failed, false);
                         full.meta = serde_json::json!({"error": "mailbox full"});
