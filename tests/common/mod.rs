@@ -321,17 +321,13 @@ pub fn python() -> String {
         .unwrap_or_else(|_| workspace().join(".venv/bin/python").display().to_string())
 }
 
-/// pjsip REGISTER (see tests/peers/pjsua2-ua.py).
-pub fn pjsua_register(
-    gw: SocketAddr,
-    transport: &str,
-    ext: &str,
-    password: &str,
-    keep: bool,
-) -> Output {
-    let script = workspace().join("tests/peers/pjsua2-ua.py");
-    let args = vec![
-        script.display().to_string(),
+/// pjsua2-ua.py with the arguments that register `ext` at `gw` (see tests/peers/pjsua2-ua.py).
+fn pjsua_args(gw: SocketAddr, transport: &str, ext: &str, password: &str) -> Vec<String> {
+    vec![
+        workspace()
+            .join("tests/peers/pjsua2-ua.py")
+            .display()
+            .to_string(),
         "--user".into(),
         ext.into(),
         "--password".into(),
@@ -342,12 +338,21 @@ pub fn pjsua_register(
         gw.to_string(),
         "--transport".into(),
         transport.into(),
-    ];
-    let args = if keep {
-        args.into_iter().chain(["--keep".to_string()]).collect()
-    } else {
-        args
-    };
+    ]
+}
+
+/// pjsip REGISTER.
+pub fn pjsua_register(
+    gw: SocketAddr,
+    transport: &str,
+    ext: &str,
+    password: &str,
+    keep: bool,
+) -> Output {
+    let mut args = pjsua_args(gw, transport, ext, password);
+    if keep {
+        args.push("--keep".into());
+    }
     run_peer(&python(), &args, PJSUA_HINT)
 }
 
@@ -740,25 +745,8 @@ pub fn pjsua(
     send: Option<(&str, &str, &str)>,
     listen: f64,
 ) -> Output {
-    let mut args = vec![
-        workspace()
-            .join("tests/peers/pjsua2-ua.py")
-            .display()
-            .to_string(),
-        "--user".into(),
-        ext.into(),
-        "--password".into(),
-        password.into(),
-        "--domain".into(),
-        "127.0.0.1".into(),
-        "--registrar".into(),
-        gw.to_string(),
-        "--transport".into(),
-        transport.into(),
-        "--keep".into(),
-        "--listen".into(),
-        listen.to_string(),
-    ];
+    let mut args = pjsua_args(gw, transport, ext, password);
+    args.extend(["--keep".into(), "--listen".into(), listen.to_string()]);
     if let Some((uri, text, content_type)) = send {
         args.extend([
             "--send".into(),
@@ -780,24 +768,8 @@ pub fn pjsua_background(
     listen: f64,
 ) -> Child {
     Command::new(python())
-        .arg(workspace().join("tests/peers/pjsua2-ua.py"))
-        .args([
-            "--user",
-            ext,
-            "--password",
-            password,
-            "--domain",
-            "127.0.0.1",
-            "--registrar",
-        ])
-        .arg(gw.to_string())
-        .args([
-            "--transport",
-            transport,
-            "--keep",
-            "--listen",
-            &listen.to_string(),
-        ])
+        .args(pjsua_args(gw, transport, ext, password))
+        .args(["--keep", "--listen", &listen.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

@@ -339,16 +339,12 @@ sender = "did:{DID}"
         sim_stats["messages"], sim_stats["duplicate_bodies"], st.ok
     );
     println!(
-        "final response latency ms: p50 {:.2}  p99 {:.2}  max {:.2}",
-        support::percentile_ms(&st.latencies, 0.5),
-        support::percentile_ms(&st.latencies, 0.99),
-        support::percentile_ms(&st.latencies, 1.0)
+        "final response latency ms: {}",
+        support::p50_p99_max(&st.latencies)
     );
     println!(
-        "  after the first second: p50 {:.2}  p99 {:.2}  max {:.2}",
-        support::percentile_ms(&st.steady, 0.5),
-        support::percentile_ms(&st.steady, 0.99),
-        support::percentile_ms(&st.steady, 1.0)
+        "  after the first second: {}",
+        support::p50_p99_max(&st.steady)
     );
     println!(
         "CPU seconds: gateway {gw_cpu:.2}, stand-in {sim_cpu:.2}, load generator {own_cpu:.2}; gateway RSS {} KiB",

@@ -310,10 +310,8 @@ fn main() {
         stats.requests.len() as f64 / elapsed.as_secs_f64()
     );
     println!(
-        "registration latency (challenge + authenticated retry) ms: p50 {:.2}  p99 {:.2}  max {:.2}",
-        support::percentile_ms(&stats.registrations, 0.5),
-        support::percentile_ms(&stats.registrations, 0.99),
-        support::percentile_ms(&stats.registrations, 1.0)
+        "registration latency (challenge + authenticated retry) ms: {}",
+        support::p50_p99_max(&stats.registrations)
     );
     println!(
         "per-request latency ms: p50 {:.2}  p99 {:.2}",

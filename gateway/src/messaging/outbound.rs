@@ -95,6 +95,15 @@ fn explained(req: &smsgw_sip::Request, status: u16, why: &str) -> Response {
     )
 }
 
+/// The status of a message Twilio has just taken: what it said, unless that is already final
+/// (a final status comes with its callback, which also tells the phone).
+fn accepted_status(twilio: Option<&str>) -> MessageStatus {
+    twilio
+        .and_then(MessageStatus::from_twilio)
+        .filter(|s| !s.is_final())
+        .unwrap_or(MessageStatus::Queued)
+}
+
 /// Maps a Twilio refusal to what the phone hears.
 pub fn sip_status_for(code: i64) -> u16 {
     match code {
@@ -603,12 +612,7 @@ impl Messaging {
             .observe(started.elapsed().as_secs_f64());
         match outcome {
             SendOutcome::Created(res) => {
-                let status = res
-                    .status
-                    .as_deref()
-                    .and_then(MessageStatus::from_twilio)
-                    .filter(|s| !s.is_final())
-                    .unwrap_or(MessageStatus::Queued);
+                let status = accepted_status(res.status.as_deref());
                 let update = Update {
                     status: Some(status),
                     twilio_sid: res.sid.clone(),
@@ -747,12 +751,7 @@ impl Messaging {
             let Some(sid) = res.sid.clone().filter(|_| same) else {
                 continue;
             };
-            let status = res
-                .status
-                .as_deref()
-                .and_then(MessageStatus::from_twilio)
-                .filter(|s| !s.is_final())
-                .unwrap_or(MessageStatus::Queued);
+            let status = accepted_status(res.status.as_deref());
             // Atomic: two in-doubt copies of the same text cannot both claim one SID.
             match self
                 .store

@@ -370,6 +370,24 @@ fn take_failure(s: &SimState) -> bool {
     }
 }
 
+/// Twilio's answer to a request with wrong credentials (401) or for another account (404).
+fn refuse_caller(s: &SimState, headers: &HeaderMap, account: &str) -> Option<Response> {
+    if s.authorized(headers).is_none() {
+        return Some(twilio_error(
+            StatusCode::UNAUTHORIZED,
+            20003,
+            "Authenticate",
+        ));
+    }
+    (account != s.config.account_sid).then(|| {
+        twilio_error(
+            StatusCode::NOT_FOUND,
+            20404,
+            "The requested resource was not found",
+        )
+    })
+}
+
 async fn api_post_inner(
     s: &Arc<SimState>,
     account: &str,
@@ -378,15 +396,8 @@ async fn api_post_inner(
     form: &[(String, String)],
     mode: &Mode,
 ) -> Response {
-    if s.authorized(headers).is_none() {
-        return twilio_error(StatusCode::UNAUTHORIZED, 20003, "Authenticate");
-    }
-    if account != s.config.account_sid {
-        return twilio_error(
-            StatusCode::NOT_FOUND,
-            20404,
-            "The requested resource was not found",
-        );
+    if let Some(refused) = refuse_caller(s, headers, account) {
+        return refused;
     }
     if let Some(sid) = rest
         .strip_prefix("IncomingPhoneNumbers/")
@@ -702,15 +713,8 @@ fn api_get_inner(
     headers: &HeaderMap,
     q: &[(String, String)],
 ) -> Response {
-    if s.authorized(headers).is_none() {
-        return twilio_error(StatusCode::UNAUTHORIZED, 20003, "Authenticate");
-    }
-    if account != s.config.account_sid {
-        return twilio_error(
-            StatusCode::NOT_FOUND,
-            20404,
-            "The requested resource was not found",
-        );
+    if let Some(refused) = refuse_caller(s, headers, account) {
+        return refused;
     }
     let page_size: usize = get1(q, "PageSize")
         .and_then(|p| p.parse().ok())
@@ -718,8 +722,15 @@ fn api_get_inner(
         .clamp(1, 1000);
     let page: usize = get1(q, "Page").and_then(|p| p.parse().ok()).unwrap_or(0);
     let base = format!("/2010-04-01/Accounts/{account}/{rest}");
-    let next = |more: bool| {
-        more.then(|| {
+    // One page of `all` under `key`, with Twilio's paging fields.
+    let page_of = |key: &str, all: Vec<Value>| {
+        let slice: Vec<Value> = all
+            .iter()
+            .skip(page * page_size)
+            .take(page_size)
+            .cloned()
+            .collect();
+        let next = (all.len() > (page + 1) * page_size).then(|| {
             let mut pairs: Vec<(String, String)> =
                 q.iter().filter(|(k, _)| k != "Page").cloned().collect();
             pairs.push(("Page".into(), (page + 1).to_string()));
@@ -727,7 +738,9 @@ fn api_get_inner(
                 .extend_pairs(pairs)
                 .finish();
             format!("{base}?{query}")
-        })
+        });
+        Json(json!({key: slice, "page": page, "page_size": page_size, "next_page_uri": next, "uri": base}))
+            .into_response()
     };
     match rest {
         "Messages.json" => {
@@ -747,28 +760,9 @@ fn api_get_inner(
                 .filter(|m| since.is_none_or(|t| m.created >= t))
                 .map(|m| message_json(&s.config.account_sid, m))
                 .collect();
-            let slice: Vec<Value> = all
-                .iter()
-                .skip(page * page_size)
-                .take(page_size)
-                .cloned()
-                .collect();
-            let more = all.len() > (page + 1) * page_size;
-            Json(json!({"messages": slice, "page": page, "page_size": page_size, "next_page_uri": next(more), "uri": base}))
-                .into_response()
+            page_of("messages", all)
         }
-        "IncomingPhoneNumbers.json" => {
-            let all = numbers_json(s);
-            let slice: Vec<Value> = all
-                .iter()
-                .skip(page * page_size)
-                .take(page_size)
-                .cloned()
-                .collect();
-            let more = all.len() > (page + 1) * page_size;
-            Json(json!({"incoming_phone_numbers": slice, "page": page, "page_size": page_size, "next_page_uri": next(more), "uri": base}))
-                .into_response()
-        }
+        "IncomingPhoneNumbers.json" => page_of("incoming_phone_numbers", numbers_json(s)),
         other => {
             let sid = other
                 .strip_prefix("Messages/")

@@ -80,6 +80,16 @@ pub fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
     f64::from(sorted[i]) / 1000.0
 }
 
+/// "p50 … p99 … max …" of sorted microseconds, in milliseconds.
+pub fn p50_p99_max(sorted: &[u32]) -> String {
+    format!(
+        "p50 {:.2}  p99 {:.2}  max {:.2}",
+        percentile_ms(sorted, 0.5),
+        percentile_ms(sorted, 0.99),
+        percentile_ms(sorted, 1.0)
+    )
+}
+
 pub fn between<'a>(text: &'a str, start: &str, end: char) -> Option<&'a str> {
     let from = text.find(start)? + start.len();
     let len = text[from..].find(end)?;
