@@ -117,7 +117,8 @@ const MAX_KEY_FIELD: usize = 256;
 
 struct Inner {
     config: EndpointConfig,
-    udp: Vec<Arc<UdpSocket>>,
+    /// With their bound addresses: asking the socket costs a system call per send.
+    udp: Vec<(SocketAddr, Arc<UdpSocket>)>,
     tcp: Vec<(SocketAddr, Arc<TcpListener>)>,
     conns: DashMap<ConnId, Connection>,
     conn_by_remote: DashMap<SocketAddr, ConnId>,
@@ -149,9 +150,10 @@ impl Endpoint {
                 source,
             };
             match transport {
-                Transport::Udp => udp.push(Arc::new(
-                    bind_udp(addr, config.udp_buffer_bytes).map_err(bind_err)?,
-                )),
+                Transport::Udp => {
+                    let s = bind_udp(addr, config.udp_buffer_bytes).map_err(bind_err)?;
+                    udp.push((s.local_addr().map_err(bind_err)?, Arc::new(s)));
+                }
                 Transport::Tcp => {
                     let l = TcpListener::bind(addr).await.map_err(bind_err)?;
                     tcp.push((l.local_addr().map_err(bind_err)?, Arc::new(l)));
@@ -181,11 +183,7 @@ impl Endpoint {
 
     /// The addresses actually bound (useful with port 0).
     pub fn local_addrs(&self) -> Vec<(Transport, SocketAddr)> {
-        let udp = self
-            .inner
-            .udp
-            .iter()
-            .filter_map(|s| s.local_addr().ok().map(|a| (Transport::Udp, a)));
+        let udp = self.inner.udp.iter().map(|(a, _)| (Transport::Udp, *a));
         let tcp = self.inner.tcp.iter().map(|(a, _)| (Transport::Tcp, *a));
         udp.chain(tcp).collect()
     }
@@ -194,9 +192,9 @@ impl Endpoint {
     pub fn start(&self, handler: Arc<dyn Handler>) -> tokio::task::JoinSet<()> {
         let _ = self.inner.handler.set(handler);
         let mut tasks = tokio::task::JoinSet::new();
-        for socket in &self.inner.udp {
+        for (local, socket) in &self.inner.udp {
             for _ in 0..self.inner.config.udp_workers.max(1) {
-                tasks.spawn(udp_loop(self.inner.clone(), socket.clone()));
+                tasks.spawn(udp_loop(self.inner.clone(), *local, socket.clone()));
             }
         }
         for (_, listener) in &self.inner.tcp {
@@ -298,6 +296,8 @@ impl Drop for ClientTxGuard<'_> {
 pub struct ServerTx {
     pub request: Request,
     pub flow: Flow,
+    /// Where responses go (RFC 3261 §18.2.2), worked out once from the top Via.
+    reply_to: Flow,
     key: Option<Box<str>>,
     inner: Arc<Inner>,
     answered: bool,
@@ -308,8 +308,7 @@ impl ServerTx {
     pub fn respond(mut self, response: Response) {
         self.answered = true;
         let bytes = response.to_bytes();
-        let dest = response_destination(&self.request, &self.flow);
-        send_nowait(&self.inner, dest, bytes.clone());
+        send_nowait(&self.inner, self.reply_to, bytes.clone());
         if let Some(key) = self.key.take() {
             complete(&self.inner, key, bytes, self.flow.transport);
         }
@@ -319,13 +318,8 @@ impl ServerTx {
 impl Drop for ServerTx {
     fn drop(&mut self) {
         if !self.answered && self.request.method != Method::Ack {
-            let resp = Response::to(&self.request, 500);
-            let bytes = resp.to_bytes();
-            send_nowait(
-                &self.inner,
-                response_destination(&self.request, &self.flow),
-                bytes.clone(),
-            );
+            let bytes = Response::to(&self.request, 500).to_bytes();
+            send_nowait(&self.inner, self.reply_to, bytes.clone());
             if let Some(key) = self.key.take() {
                 complete(&self.inner, key, bytes, self.flow.transport);
             }
@@ -368,14 +362,17 @@ fn complete(inner: &Inner, key: Box<str>, bytes: Bytes, transport: Transport) {
 /// RFC 3261 §18.2.2 with RFC 3581: over UDP, to the source port when the client asked for rport,
 /// else to the source IP and the port in Via; streams answer on their connection.
 fn response_destination(req: &Request, flow: &Flow) -> Flow {
-    if flow.transport == Transport::Udp {
-        if let Ok(via) = req.top_via() {
-            if via.params.get("rport").is_none() {
-                let mut f = *flow;
-                f.remote.set_port(via.port.unwrap_or(5060));
-                return f;
-            }
-        }
+    match req.top_via() {
+        Ok(via) => reply_flow(&via, flow),
+        Err(_) => *flow,
+    }
+}
+
+fn reply_flow(via: &Via, flow: &Flow) -> Flow {
+    if flow.transport == Transport::Udp && via.params.get("rport").is_none() {
+        let mut f = *flow;
+        f.remote.set_port(via.port.unwrap_or(5060));
+        return f;
     }
     *flow
 }
@@ -444,8 +441,9 @@ fn udp_socket(inner: &Inner, local: SocketAddr) -> Option<&Arc<UdpSocket>> {
     inner
         .udp
         .iter()
-        .find(|s| s.local_addr().is_ok_and(|a| a == local))
+        .find(|(a, _)| *a == local)
         .or_else(|| inner.udp.first())
+        .map(|(_, s)| s)
 }
 
 /// Sends over the flow; a stream whose connection is gone is reopened to the peer's address.
@@ -505,10 +503,7 @@ async fn connect(inner: &Arc<Inner>, remote: SocketAddr) -> Result<mpsc::Sender<
     Ok(run_connection(inner.clone(), stream, local, remote, permit))
 }
 
-async fn udp_loop(inner: Arc<Inner>, socket: Arc<UdpSocket>) {
-    let Ok(local) = socket.local_addr() else {
-        return;
-    };
+async fn udp_loop(inner: Arc<Inner>, local: SocketAddr, socket: Arc<UdpSocket>) {
     let mut buf = vec![0u8; 65_535];
     loop {
         let (len, remote) = tokio::select! {
@@ -629,6 +624,7 @@ fn dispatch(inner: &Arc<Inner>, msg: Message, flow: Flow) {
             }
             via.set_received(flow.remote);
             req.headers.replace_first_list_item("Via", &via.to_string());
+            let reply_to = reply_flow(&via, &flow);
             if req.method == Method::Ack {
                 return; // ACK for a non-2xx we never sent; nothing to do for a UAS without INVITE.
             }
@@ -638,7 +634,7 @@ fn dispatch(inner: &Arc<Inner>, msg: Message, flow: Flow) {
                     if let TxState::Completed(bytes) = e.get() {
                         let bytes = bytes.clone();
                         drop(e);
-                        send_nowait(inner, response_destination(&req, &flow), bytes);
+                        send_nowait(inner, reply_to, bytes);
                     }
                     return; // absorbed: the handler already has it
                 }
@@ -650,7 +646,7 @@ fn dispatch(inner: &Arc<Inner>, msg: Message, flow: Flow) {
                     if full {
                         drop(v);
                         let resp = Response::to(&req, 503).header("Retry-After", "5");
-                        send_nowait(inner, response_destination(&req, &flow), resp.to_bytes());
+                        send_nowait(inner, reply_to, resp.to_bytes());
                         return;
                     }
                     inner
@@ -663,6 +659,7 @@ fn dispatch(inner: &Arc<Inner>, msg: Message, flow: Flow) {
             let tx = ServerTx {
                 request: req,
                 flow,
+                reply_to,
                 key: Some(key),
                 inner: inner.clone(),
                 answered: false,

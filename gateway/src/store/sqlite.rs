@@ -269,20 +269,32 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        self.run_then(f, |_| {}).await
+        self.submit(Isolation::Savepoint, f, |_| {}).await
     }
 
-    /// Like `run`, and calls `committed` with the result on the database thread right after the
-    /// commit, in commit order.
-    async fn run_then<T: Send + 'static>(
+    /// Like `run`, for an `f` that makes one write statement at most.
+    async fn run_one<T: Send + 'static>(
         &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.submit(Isolation::OneStatement, f, |_| {}).await
+    }
+
+    /// Runs `f` in the next batch, isolated as asked; calls `committed` with the result on the
+    /// database thread right after the commit, in commit order; resolves after the commit.
+    async fn submit<T: Send + 'static>(
+        &self,
+        isolation: Isolation,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
         committed: impl FnOnce(&T) + Send + 'static,
     ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.jobs
             .send(Box::new(move |conn: &Connection| -> Reply {
-                let result = savepoint(conn, f);
+                let result = match isolation {
+                    Isolation::Savepoint => savepoint(conn, f),
+                    Isolation::OneStatement => f(conn),
+                };
                 Box::new(move |commit: Result<(), String>| {
                     let result = commit.map_err(StoreError::Commit).and(result);
                     if let Ok(v) = &result {
@@ -318,6 +330,17 @@ fn checkpoint(conn: &Connection) {
     if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
         tracing::warn!(error = %e, "database checkpoint failed");
     }
+}
+
+/// How a job's writes are kept apart from the rest of its batch: a failing job must not fail
+/// the others, nor leave half its writes behind.
+#[derive(Clone, Copy)]
+enum Isolation {
+    /// In a savepoint of its own, so its writes stand or fall together.
+    Savepoint,
+    /// None needed: a single statement that fails is undone by SQLite itself. A savepoint costs
+    /// two more statements and a copy of every page the job touches.
+    OneStatement,
 }
 
 /// A job's writes stand or fall together, without failing the rest of the batch.
@@ -500,14 +523,19 @@ impl Store for SqliteStore {
     }
 
     async fn insert_messages(&self, messages: Vec<NewMessage>) -> Result<Vec<i64>, StoreError> {
-        self.run(move |conn| {
+        let isolation = if messages.len() == 1 {
+            Isolation::OneStatement
+        } else {
+            Isolation::Savepoint
+        };
+        let insert_all = move |conn: &Connection| {
             let mut ids = Vec::with_capacity(messages.len());
             for m in &messages {
                 ids.push(insert_message(conn, m)?);
             }
             Ok(ids)
-        })
-        .await
+        };
+        self.submit(isolation, insert_all, |_| {}).await
     }
 
     async fn record_inbound(
@@ -517,7 +545,8 @@ impl Store for SqliteStore {
         opt_out: Option<(String, String, bool)>,
         on_commit: super::OnCommit,
     ) -> Result<Recorded, StoreError> {
-        self.run_then(
+        self.submit(
+            Isolation::Savepoint,
             move |conn| {
                 let now = messages.first().map_or(0, |m| m.now);
                 let mut seen = conn.prepare_cached(
@@ -552,7 +581,7 @@ impl Store for SqliteStore {
     }
 
     async fn update_message(&self, id: i64, update: Update, now: i64) -> Result<(), StoreError> {
-        self.run(move |conn| {
+        self.run_one(move |conn| {
             apply_update(conn, id, &update, now)?;
             Ok(())
         })
@@ -611,7 +640,7 @@ impl Store for SqliteStore {
     }
 
     async fn renew_lease(&self, id: i64, lease: i64, until: i64) -> Result<bool, StoreError> {
-        self.run(move |conn| {
+        self.run_one(move |conn| {
             let n = conn
                 .prepare_cached("UPDATE messages SET next_attempt_at = ?3 WHERE id = ?1 AND lease = ?2 AND next_attempt_at IS NOT NULL")?
                 .execute(params![id, lease, until])?;
