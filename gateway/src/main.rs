@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// mimalloc returns freed memory to the system promptly; with glibc's allocator the memory of
-/// expired transactions and of config parsing stayed in RSS for good.
+/// expired transactions and of config parsing stayed in RSS for good. Its version 2 (the `v2`
+/// feature) cost a few per cent less CPU per message than version 3 in A/B runs, glibc ~10 % more.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -181,19 +181,25 @@ impl Messaging {
                 self.send_in_order(messages, None, true).await;
             }
             AnswerMode::AfterTwilio => {
-                let (reply, waiting) = oneshot::channel();
-                let this = self.clone();
-                let sending =
-                    tokio::spawn(
-                        async move { this.send_in_order(messages, Some(reply), true).await },
-                    );
-                let resp = match tokio::time::timeout(
-                    self.settings.messaging.answer_window,
-                    waiting,
-                )
-                .await
-                {
-                    Ok(Ok(Outcome::Rejected { code, message })) => {
+                // Sending runs in this task: the answer goes out at the first outcome or when
+                // the window closes, whichever comes first, and sending goes on after it.
+                let (reply, mut waiting) = oneshot::channel();
+                let sending = self.send_in_order(messages, Some(reply), true);
+                tokio::pin!(sending);
+                let window = tokio::time::sleep(self.settings.messaging.answer_window);
+                tokio::pin!(window);
+                let mut finished = None;
+                let first = tokio::select! {
+                    outcome = &mut waiting => outcome.ok(),
+                    done = &mut sending => {
+                        let first = done.as_ref().map(|(_, o)| o.clone());
+                        finished = Some(done);
+                        first
+                    }
+                    () = &mut window => None,
+                };
+                let resp = match first {
+                    Some(Outcome::Rejected { code, message }) => {
                         let status = sip_status_for(code);
                         explained(&tx.request, status, &format!("Twilio {code}: {message}")).header(
                             "Warning",
@@ -207,7 +213,11 @@ impl Messaging {
                 // notice once the first part's outcome is known (no race with the window).
                 let told_phone = resp.code >= 300;
                 self.respond(tx, resp);
-                if let Ok(Some((id, Outcome::Rejected { .. }))) = sending.await {
+                let done = match finished {
+                    Some(done) => done,
+                    None => sending.await,
+                };
+                if let Some((id, Outcome::Rejected { .. })) = done {
                     if !told_phone {
                         self.notify_outcome(&id, false).await;
                     }
