@@ -623,7 +623,7 @@ fn parse_http_url(value: &str) -> Result<String, String> {
     if host.is_empty() || host.contains(char::is_whitespace) {
         return Err(format!("{value:?} has no host"));
     }
-    url::Url::parse(value).map_err(|e| format!("{value:?} is not a valid URL: {e}"))?;
+    http::Uri::try_from(value).map_err(|e| format!("{value:?} is not a valid URL: {e}"))?;
     Ok(value.trim_end_matches('/').to_string())
 }
 

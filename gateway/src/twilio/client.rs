@@ -1,6 +1,10 @@
 //! The Twilio REST client: Messages (send, list), IncomingPhoneNumbers (list, set SmsUrl), media.
 
 use crate::config::Secret;
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
 use serde::Deserialize;
 use std::time::Duration;
 
@@ -12,9 +16,9 @@ pub struct Account {
     pub account_sid: String,
     /// `Authorization: Basic …` with the Account SID (or API key SID) and the Auth Token (or
     /// API key secret); marked sensitive so it never shows in debug output.
-    authorization: reqwest::header::HeaderValue,
-    /// Parsed once: parsing it cost more than the rest of building a request.
-    messages_url: reqwest::Url,
+    authorization: HeaderValue,
+    /// Parsed once: one POST per message goes there.
+    messages_url: Uri,
 }
 
 impl Account {
@@ -31,13 +35,12 @@ impl Account {
         use base64::Engine;
         let basic = base64::engine::general_purpose::STANDARD
             .encode(format!("{username}:{}", password.expose()));
-        let mut authorization = reqwest::header::HeaderValue::from_str(&format!("Basic {basic}"))
+        let mut authorization = HeaderValue::from_str(&format!("Basic {basic}"))
             .expect("base64 is a valid header value");
         authorization.set_sensitive(true);
         // The configuration checked api_base as an http(s) URL, and the rest is plain ASCII.
-        let messages_url =
-            reqwest::Url::parse(&account_url(api_base, account_sid, "Messages.json"))
-                .expect("api_base is a checked URL");
+        let messages_url = Uri::try_from(account_url(api_base, account_sid, "Messages.json"))
+            .expect("api_base is a checked URL");
         Self {
             api_base: api_base.to_string(),
             account_sid: account_sid.to_string(),
@@ -135,10 +138,56 @@ pub enum SendOutcome {
     },
 }
 
+/// Why a request got no complete answer.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("the request could not be built: {0}")]
+    Build(#[from] http::Error),
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error("{0}")]
+    Exchange(String),
+    #[error("the answer was cut off: {0}")]
+    Body(String),
+    #[error("the answer is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("no complete answer within {0:?}")]
+    Timeout(Duration),
+}
+
+impl HttpError {
+    /// Whether the request may have reached Twilio.
+    fn maybe_sent(&self) -> bool {
+        !matches!(self, Self::Build(_) | Self::Connect(_))
+    }
+}
+
+/// An error with its causes, which hyper keeps out of its own message.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+/// A complete answer.
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+/// Longest API answer read (a page of 100 messages is far smaller).
+const MAX_ANSWER_BYTES: usize = 8 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach Twilio at {url}: {source}")]
-    Http { url: String, source: reqwest::Error },
+    Http { url: String, source: HttpError },
     #[error("Twilio refused {url}: {} {} ({})", .error.code, .error.message, .error.http_status)]
     Api { url: String, error: ApiError },
     #[error("Twilio answered {url} with something that is not the expected JSON: {source}")]
@@ -218,13 +267,16 @@ impl SendRequest {
     }
 }
 
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
 #[derive(Clone)]
 pub struct TwilioClient {
-    http: reqwest::Client,
+    http: hyper_util::client::legacy::Client<Connector, Full<Bytes>>,
+    request_timeout: Duration,
 }
 
-fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
-    let value = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?;
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get(header::RETRY_AFTER)?.to_str().ok()?;
     if let Ok(secs) = value.trim().parse::<u64>() {
         return Some(Duration::from_secs(secs));
     }
@@ -232,65 +284,115 @@ fn retry_after(headers: &reqwest::header::HeaderMap) -> Option<Duration> {
     when.duration_since(std::time::SystemTime::now()).ok()
 }
 
+const USER_AGENT: &str = concat!("smsgw/", env!("CARGO_PKG_VERSION"));
+
 impl TwilioClient {
     pub fn new(request_timeout: Duration) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(request_timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(1024)
-            // The API never redirects; a POST must not be replayed elsewhere.
-            .redirect(reqwest::redirect::Policy::none())
-            // Only the outbox decides whether a message is sent again (after reconciling), never
-            // the HTTP layer; this also spares a copy of every request kept for a replay.
-            .retry(reqwest::retry::never().max_retries_per_request(0))
-            .user_agent(concat!("smsgw/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .expect("a TLS backend is compiled in");
-        Self { http }
+        let mut tcp = HttpConnector::new();
+        tcp.enforce_http(false);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(Duration::from_secs(5)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_webpki_roots()
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(tcp);
+        // Never a redirect followed, never a request replayed: only the outbox decides whether a
+        // message is sent again (after reconciling). hyper retries only a request that never
+        // started on a pooled connection the server had just closed.
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(1024)
+                .pool_timer(hyper_util::rt::TokioTimer::new())
+                .build(connector);
+        Self {
+            http,
+            request_timeout,
+        }
+    }
+
+    /// One request with the account's credentials (a form body if given), answer read whole (at
+    /// most `limit` bytes), all within the request timeout.
+    async fn exchange<U>(
+        &self,
+        method: Method,
+        uri: U,
+        account: &Account,
+        form: Option<String>,
+        limit: usize,
+    ) -> Result<Answer, HttpError>
+    where
+        Uri: TryFrom<U>,
+        <Uri as TryFrom<U>>::Error: Into<http::Error>,
+    {
+        let mut request = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header(header::AUTHORIZATION, account.authorization.clone())
+            .header(header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+        if form.is_some() {
+            request = request.header(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/x-www-form-urlencoded"),
+            );
+        }
+        let request = request.body(Full::new(Bytes::from(form.unwrap_or_default())))?;
+        let work = async {
+            let resp = self.http.request(request).await.map_err(|e| {
+                if e.is_connect() {
+                    HttpError::Connect(with_causes(&e))
+                } else {
+                    HttpError::Exchange(with_causes(&e))
+                }
+            })?;
+            let (parts, body) = resp.into_parts();
+            let body = Limited::new(body, limit)
+                .collect()
+                .await
+                .map_err(|e| {
+                    if e.is::<http_body_util::LengthLimitError>() {
+                        HttpError::TooLarge(limit)
+                    } else {
+                        HttpError::Body(with_causes(e.as_ref()))
+                    }
+                })?
+                .to_bytes();
+            Ok(Answer {
+                status: parts.status.as_u16(),
+                headers: parts.headers,
+                body,
+            })
+        };
+        tokio::time::timeout(self.request_timeout, work)
+            .await
+            .map_err(|_| HttpError::Timeout(self.request_timeout))?
     }
 
     pub async fn send(&self, account: &Account, request: &SendRequest) -> SendOutcome {
         let sent = self
-            .http
-            .post(account.messages_url.clone())
-            .header(
-                reqwest::header::AUTHORIZATION,
-                account.authorization.clone(),
+            .exchange(
+                Method::POST,
+                account.messages_url.clone(),
+                account,
+                Some(request.encoded()),
+                MAX_ANSWER_BYTES,
             )
-            .header(
-                reqwest::header::CONTENT_TYPE,
-                reqwest::header::HeaderValue::from_static("application/x-www-form-urlencoded"),
-            )
-            .body(request.encoded())
-            .send()
             .await;
-        let resp = match sent {
-            Ok(r) => r,
+        let answer = match sent {
+            Ok(a) => a,
             Err(e) => {
-                // A connect error means nothing reached Twilio; anything later may have.
-                let in_doubt = !e.is_connect() && !e.is_builder();
                 return SendOutcome::Retry {
                     after: None,
                     reason: format!("cannot reach Twilio: {e}"),
-                    in_doubt,
+                    in_doubt: e.maybe_sent(),
                 };
             }
         };
-        let status = resp.status().as_u16();
-        let after = retry_after(resp.headers());
-        let body = match resp.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                return SendOutcome::Retry {
-                    after: None,
-                    reason: format!("Twilio's answer was cut off: {e}"),
-                    in_doubt: true,
-                }
-            }
-        };
+        let status = answer.status;
+        let after = retry_after(&answer.headers);
         match status {
-            200..=299 => match serde_json::from_slice::<Accepted>(&body) {
+            200..=299 => match serde_json::from_slice::<Accepted>(&answer.body) {
                 Ok(m) => SendOutcome::Created(m),
                 Err(e) => SendOutcome::Retry {
                     after: None,
@@ -303,7 +405,7 @@ impl TwilioClient {
                 reason: "Twilio: too many requests (20429)".into(),
                 in_doubt: false,
             },
-            400..=499 => SendOutcome::Rejected(ApiError::parse(status, &body)),
+            400..=499 => SendOutcome::Rejected(ApiError::parse(status, &answer.body)),
             _ => SendOutcome::Retry {
                 after,
                 reason: format!("Twilio answered {status}"),
@@ -312,34 +414,28 @@ impl TwilioClient {
         }
     }
 
-    /// A GET with the account's credentials; a non-2xx answer becomes [`ClientError::Api`].
-    async fn authed_get(
+    /// A request whose non-2xx answer becomes [`ClientError::Api`].
+    async fn call(
         &self,
+        method: Method,
         account: &Account,
         url: &str,
-    ) -> Result<reqwest::Response, ClientError> {
-        let http_err = |source| ClientError::Http {
-            url: url.into(),
-            source,
-        };
-        let resp = self
-            .http
-            .get(url)
-            .header(
-                reqwest::header::AUTHORIZATION,
-                account.authorization.clone(),
-            )
-            .send()
+        form: Option<String>,
+        limit: usize,
+    ) -> Result<Answer, ClientError> {
+        let answer = self
+            .exchange(method, url, account, form, limit)
             .await
-            .map_err(http_err)?;
-        let status = resp.status().as_u16();
-        if (200..300).contains(&status) {
-            return Ok(resp);
+            .map_err(|source| ClientError::Http {
+                url: url.into(),
+                source,
+            })?;
+        if (200..300).contains(&answer.status) {
+            return Ok(answer);
         }
-        let body = resp.bytes().await.unwrap_or_default();
         Err(ClientError::Api {
             url: url.into(),
-            error: ApiError::parse(status, &body),
+            error: ApiError::parse(answer.status, &answer.body),
         })
     }
 
@@ -348,12 +444,10 @@ impl TwilioClient {
         account: &Account,
         url: &str,
     ) -> Result<T, ClientError> {
-        let resp = self.authed_get(account, url).await?;
-        let body = resp.bytes().await.map_err(|source| ClientError::Http {
-            url: url.into(),
-            source,
-        })?;
-        serde_json::from_slice(&body).map_err(|source| ClientError::Decode {
+        let answer = self
+            .call(Method::GET, account, url, None, MAX_ANSWER_BYTES)
+            .await?;
+        serde_json::from_slice(&answer.body).map_err(|source| ClientError::Decode {
             url: url.into(),
             source,
         })
@@ -374,9 +468,13 @@ impl TwilioClient {
         if let Some(f) = from {
             query.push(("From", f));
         }
-        let mut url = account.messages_url.clone();
-        url.query_pairs_mut().extend_pairs(&query);
-        let mut url = url.to_string();
+        let mut url = format!(
+            "{}?{}",
+            account.url("Messages.json"),
+            url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(&query)
+                .finish()
+        );
         let mut out = Vec::new();
         for _ in 0..max_pages {
             let page: MessageList = self.get_json(account, &url).await?;
@@ -423,29 +521,12 @@ impl TwilioClient {
         sms_url: &str,
     ) -> Result<(), ClientError> {
         let url = account.url(&format!("IncomingPhoneNumbers/{number_sid}.json"));
-        let resp = self
-            .http
-            .post(&url)
-            .header(
-                reqwest::header::AUTHORIZATION,
-                account.authorization.clone(),
-            )
-            .form(&[("SmsUrl", sms_url), ("SmsMethod", "POST")])
-            .send()
-            .await
-            .map_err(|source| ClientError::Http {
-                url: url.clone(),
-                source,
-            })?;
-        let status = resp.status().as_u16();
-        if (200..300).contains(&status) {
-            return Ok(());
-        }
-        let body = resp.bytes().await.unwrap_or_default();
-        Err(ClientError::Api {
-            url,
-            error: ApiError::parse(status, &body),
-        })
+        let form = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs([("SmsUrl", sms_url), ("SmsMethod", "POST")])
+            .finish();
+        self.call(Method::POST, account, &url, Some(form), MAX_ANSWER_BYTES)
+            .await?;
+        Ok(())
     }
 
     /// Fetches media Twilio stores for an inbound MMS (with the account's credentials: Twilio can
@@ -456,19 +537,11 @@ impl TwilioClient {
         url: &str,
         max_bytes: usize,
     ) -> Result<(String, Vec<u8>), ClientError> {
-        let mut resp = self.authed_get(account, url).await?;
-        let content_type = resp
-            .headers()
-            .get(reqwest::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("application/octet-stream")
-            .to_string();
-        let mut data = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|source| ClientError::Http {
-            url: url.into(),
-            source,
-        })? {
-            if data.len() + chunk.len() > max_bytes {
+        let answer = match self.call(Method::GET, account, url, None, max_bytes).await {
+            Err(ClientError::Http {
+                source: HttpError::TooLarge(_),
+                ..
+            }) => {
                 return Err(ClientError::Api {
                     url: url.into(),
                     error: ApiError {
@@ -476,11 +549,17 @@ impl TwilioClient {
                         code: 413,
                         message: format!("media larger than {max_bytes} bytes"),
                     },
-                });
+                })
             }
-            data.extend_from_slice(&chunk);
-        }
-        Ok((content_type, data))
+            other => other?,
+        };
+        let content_type = answer
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/octet-stream")
+            .to_string();
+        Ok((content_type, answer.body.to_vec()))
     }
 }
 
@@ -503,6 +582,60 @@ mod tests {
         assert_eq!(ApiError::parse(429, rfc9457).code, 20429);
         assert_eq!(ApiError::parse(429, rfc9457).message, "slow down");
         assert_eq!(ApiError::parse(502, b"<html>").code, 502);
+    }
+
+    fn account_at(addr: std::net::SocketAddr) -> Account {
+        Account::new(
+            &format!("http://{addr}"),
+            "AC00000000000000000000000000000000",
+            "AC00000000000000000000000000000000",
+            &Secret::new("token"),
+        )
+    }
+
+    fn hello() -> SendRequest {
+        SendRequest {
+            to: "+15551234567".into(),
+            from: Some("+15017122661".into()),
+            body: "hi".into(),
+            ..SendRequest::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn nothing_listening_is_retried_without_doubt() {
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let client = TwilioClient::new(Duration::from_secs(2));
+        match client.send(&account_at(addr), &hello()).await {
+            SendOutcome::Retry { in_doubt, .. } => assert!(!in_doubt, "nothing was sent"),
+            other => panic!("expected a retry, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn no_answer_in_time_is_in_doubt() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Takes the request and never answers.
+        let server = tokio::spawn(async move {
+            let (conn, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drop(conn);
+        });
+        let client = TwilioClient::new(Duration::from_millis(300));
+        match client.send(&account_at(addr), &hello()).await {
+            SendOutcome::Retry {
+                in_doubt, reason, ..
+            } => {
+                assert!(in_doubt, "the request may have been processed");
+                assert!(reason.contains("within"), "{reason}");
+            }
+            other => panic!("expected a retry, got {other:?}"),
+        }
+        server.abort();
     }
 
     #[test]
