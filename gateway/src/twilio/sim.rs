@@ -304,34 +304,80 @@ fn rfc2822(t: SystemTime) -> String {
 }
 
 fn new_sid(prefix: &str) -> String {
+    use std::fmt::Write as _;
     let bytes: [u8; 16] = rand::random();
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{prefix}{hex}")
+    let mut sid = String::with_capacity(prefix.len() + 32);
+    sid.push_str(prefix);
+    for b in bytes {
+        let _ = write!(sid, "{b:02x}");
+    }
+    sid
 }
 
-fn message_json(account: &str, m: &SimMessage) -> Value {
-    json!({
-        "account_sid": account,
-        "api_version": "2010-04-01",
-        "body": m.body,
-        "date_created": m.date_created,
-        "date_sent": m.date_created,
-        "date_updated": m.date_created,
-        "direction": "outbound-api",
-        "error_code": m.error_code,
-        "error_message": m.error_message,
-        "from": m.from,
-        "messaging_service_sid": m.messaging_service_sid,
-        "num_media": m.media_urls.len().to_string(),
-        "num_segments": m.num_segments,
-        "price": null,
-        "price_unit": "USD",
-        "sid": m.sid,
-        "status": m.status,
-        "subresource_uris": {"media": format!("/2010-04-01/Accounts/{account}/Messages/{}/Media.json", m.sid)},
-        "to": m.to,
-        "uri": format!("/2010-04-01/Accounts/{account}/Messages/{}.json", m.sid),
-    })
+/// Twilio's Message resource, serialized straight from the stored message (fields in Twilio's
+/// alphabetical order).
+#[derive(Serialize)]
+struct MessageJson<'a> {
+    account_sid: &'a str,
+    api_version: &'static str,
+    body: &'a str,
+    date_created: &'a str,
+    date_sent: &'a str,
+    date_updated: &'a str,
+    direction: &'static str,
+    error_code: Option<i64>,
+    error_message: Option<&'a str>,
+    from: Option<&'a str>,
+    messaging_service_sid: Option<&'a str>,
+    num_media: String,
+    num_segments: &'a str,
+    price: Option<&'static str>,
+    price_unit: &'static str,
+    sid: &'a str,
+    status: &'a str,
+    subresource_uris: SubresourceUris,
+    to: &'a str,
+    uri: String,
+}
+
+#[derive(Serialize)]
+struct SubresourceUris {
+    media: String,
+}
+
+fn message_json<'a>(account: &'a str, m: &'a SimMessage) -> MessageJson<'a> {
+    MessageJson {
+        account_sid: account,
+        api_version: "2010-04-01",
+        body: &m.body,
+        date_created: &m.date_created,
+        date_sent: &m.date_created,
+        date_updated: &m.date_created,
+        direction: "outbound-api",
+        error_code: m.error_code,
+        error_message: m.error_message.as_deref(),
+        from: m.from.as_deref(),
+        messaging_service_sid: m.messaging_service_sid.as_deref(),
+        num_media: m.media_urls.len().to_string(),
+        num_segments: &m.num_segments,
+        price: None,
+        price_unit: "USD",
+        sid: &m.sid,
+        status: &m.status,
+        subresource_uris: SubresourceUris {
+            media: format!(
+                "/2010-04-01/Accounts/{account}/Messages/{}/Media.json",
+                m.sid
+            ),
+        },
+        to: &m.to,
+        uri: format!("/2010-04-01/Accounts/{account}/Messages/{}.json", m.sid),
+    }
+}
+
+/// The same as a JSON value, for pages and lookups that outlive the stored message's lock.
+fn message_value(account: &str, m: &SimMessage) -> Value {
+    serde_json::to_value(message_json(account, m)).expect("plain data serializes")
 }
 
 async fn api_post(
@@ -520,20 +566,22 @@ fn create_message(s: &Arc<SimState>, form: &[(String, String)], mode: &Mode) -> 
         error_code: None,
         error_message: None,
     };
-    let json = message_json(&s.config.account_sid, &message);
-    keep(&s.messages, [message.clone()]);
+    let created = (
+        StatusCode::CREATED,
+        Json(message_json(&s.config.account_sid, &message)),
+    )
+        .into_response();
+    let callbacks = get1(form, "StatusCallback")
+        .filter(|_| !mode.no_callbacks)
+        .map(|cb| (cb.to_string(), message.clone()));
+    keep(&s.messages, [message]);
     for url in media {
         tokio::spawn(fetch_media(s.clone(), url));
     }
-    if let (Some(cb), false) = (get1(form, "StatusCallback"), mode.no_callbacks) {
-        tokio::spawn(status_callbacks(
-            s.clone(),
-            message,
-            cb.to_string(),
-            mode.clone(),
-        ));
+    if let Some((cb, message)) = callbacks {
+        tokio::spawn(status_callbacks(s.clone(), message, cb, mode.clone()));
     }
-    (StatusCode::CREATED, Json(json)).into_response()
+    created
 }
 
 async fn fetch_media(s: Arc<SimState>, url: String) {
@@ -758,7 +806,7 @@ fn api_get_inner(
                 .filter(|m| to.is_none_or(|t| m.to == t))
                 .filter(|m| from.is_none_or(|f| m.from.as_deref() == Some(f)))
                 .filter(|m| since.is_none_or(|t| m.created >= t))
-                .map(|m| message_json(&s.config.account_sid, m))
+                .map(|m| message_value(&s.config.account_sid, m))
                 .collect();
             page_of("messages", all)
         }
@@ -773,7 +821,7 @@ fn api_get_inner(
                     .expect("lock")
                     .iter()
                     .find(|m| m.sid == sid)
-                    .map(|m| message_json(&s.config.account_sid, m))
+                    .map(|m| message_value(&s.config.account_sid, m))
             });
             match found {
                 Some(m) => Json(m).into_response(),
