@@ -86,19 +86,26 @@ fn init_logging(settings: &Settings, json: bool) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called, inside the
+/// runtime and before anything is bound: installed on first poll instead, a SIGTERM arriving just
+/// after "ready" was logged killed the process instead of stopping it gracefully.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+        let mut interrupt = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+        async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = term.recv() => {}
+            }
         }
     }
     #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 /// One-shot commands and the stand-in run on one thread: they never need more, and a stand-in
@@ -187,7 +194,11 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            match runtime.block_on(smsgw::app::run(settings, shutdown_signal())) {
+            let shutdown = {
+                let _in_runtime = runtime.enter();
+                shutdown_signal()
+            };
+            match runtime.block_on(smsgw::app::run(settings, shutdown)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     // The messages already carry their cause; no chain to print.
