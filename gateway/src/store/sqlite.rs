@@ -1115,6 +1115,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_wal_starts_over_while_writes_go_on() {
+        // The background checkpointer copies beside the writer, but only the writer's own
+        // checkpoint lets the WAL start over; without it the WAL would grow for as long as writes
+        // never pause. Each start over bumps the checkpoint sequence number in the WAL header.
+        let dir = temp_dir();
+        let store = SqliteStore::open(&dir).await.unwrap();
+        let until = std::time::Instant::now() + WRITER_CHECKPOINT_EVERY * 3;
+        let mut written = 0;
+        while std::time::Instant::now() < until {
+            store
+                .insert_messages(vec![outbound(1000 + written)])
+                .await
+                .unwrap();
+            written += 1;
+        }
+        let header = std::fs::read(dir.join("smsgw.db-wal")).unwrap();
+        let restarts = u32::from_be_bytes(header[12..16].try_into().unwrap());
+        assert!(
+            restarts >= 1,
+            "the WAL never started over in {written} commits"
+        );
+    }
+
+    #[tokio::test]
     async fn outbox_claim_update_and_forward_only_status() {
         let dir = temp_dir();
         let store = SqliteStore::open(&dir).await.unwrap();
