@@ -624,10 +624,10 @@ fn dispatch(inner: &Arc<Inner>, msg: Message, flow: Flow) {
             }
             via.set_received(flow.remote);
             req.headers.replace_first_list_item("Via", &via.to_string());
-            let reply_to = reply_flow(&via, &flow);
             if req.method == Method::Ack {
                 return; // ACK for a non-2xx we never sent; nothing to do for a UAS without INVITE.
             }
+            let reply_to = reply_flow(&via, &flow);
             let key = transaction_key(&req, &via);
             match inner.server_txs.entry(key.clone()) {
                 dashmap::Entry::Occupied(e) => {

@@ -361,8 +361,8 @@ fn checkpoint(conn: &Connection) -> bool {
 }
 
 /// Checkpoints on its own connection until the writer thread ends (`writer_gone`), except
-/// while the writer's own checkpoint is due (`writer_due`): under load the background one is
-/// nearly always under way, and the writer's would never get its turn.
+/// while the writer's own checkpoint is due (`writer_due`), so that a background checkpoint under
+/// way cannot keep postponing the one that lets the WAL start over.
 fn background_checkpoints(
     conn: Connection,
     writer_gone: std::sync::mpsc::Receiver<()>,
@@ -1130,7 +1130,12 @@ mod tests {
                 .unwrap();
             written += 1;
         }
-        let header = std::fs::read(dir.join("smsgw.db-wal")).unwrap();
+        let mut header = [0u8; 16];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open(dir.join("smsgw.db-wal")).unwrap(),
+            &mut header,
+        )
+        .unwrap();
         let restarts = u32::from_be_bytes(header[12..16].try_into().unwrap());
         assert!(
             restarts >= 1,

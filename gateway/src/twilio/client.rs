@@ -261,10 +261,15 @@ impl SendRequest {
 
     /// The form, encoded as the request body.
     fn encoded(&self) -> String {
-        url::form_urlencoded::Serializer::new(String::with_capacity(256))
-            .extend_pairs(self.form())
-            .finish()
+        form_body(self.form())
     }
+}
+
+/// Pairs encoded as `application/x-www-form-urlencoded` (request bodies and query strings).
+fn form_body<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    url::form_urlencoded::Serializer::new(String::with_capacity(256))
+        .extend_pairs(pairs)
+        .finish()
 }
 
 type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
@@ -468,13 +473,7 @@ impl TwilioClient {
         if let Some(f) = from {
             query.push(("From", f));
         }
-        let mut url = format!(
-            "{}?{}",
-            account.url("Messages.json"),
-            url::form_urlencoded::Serializer::new(String::new())
-                .extend_pairs(&query)
-                .finish()
-        );
+        let mut url = format!("{}?{}", account.url("Messages.json"), form_body(query));
         let mut out = Vec::new();
         for _ in 0..max_pages {
             let page: MessageList = self.get_json(account, &url).await?;
@@ -521,9 +520,7 @@ impl TwilioClient {
         sms_url: &str,
     ) -> Result<(), ClientError> {
         let url = account.url(&format!("IncomingPhoneNumbers/{number_sid}.json"));
-        let form = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs([("SmsUrl", sms_url), ("SmsMethod", "POST")])
-            .finish();
+        let form = form_body([("SmsUrl", sms_url), ("SmsMethod", "POST")]);
         self.call(Method::POST, account, &url, Some(form), MAX_ANSWER_BYTES)
             .await?;
         Ok(())
