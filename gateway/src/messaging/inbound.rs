@@ -1,7 +1,7 @@
 //! Inbound: Twilio's signed webhook → checks → inbox (durably, once) → 200 TwiML; status
 //! callbacks; media smsgw serves.
 
-use super::{now_ms, Messaging, Owner};
+use super::{now_ms, Messaging, Owner, MESSAGE_ID_PARAM};
 use crate::metrics::OutcomeLabel;
 use crate::store::{Direction, Kind, NewMessage, Recorded, Store};
 use crate::twilio::signature;
@@ -153,7 +153,13 @@ impl Messaging {
             .webhooks
             .get_or_create(&OutcomeLabel { outcome: "status" })
             .inc();
-        self.on_status(&params).await;
+        // Our message id, from the URL we gave Twilio (the signature covers it).
+        let id = query.and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == MESSAGE_ID_PARAM)
+                .and_then(|(_, v)| v.parse().ok())
+        });
+        self.on_status(&params, id).await;
         StatusCode::NO_CONTENT.into_response()
     }
 

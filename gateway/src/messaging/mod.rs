@@ -25,8 +25,12 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Notify, Semaphore};
 
-/// Status callbacks kept for a SID not saved yet, and when the first arrived.
-type EarlyStatus = (Vec<Vec<(String, String)>>, i64);
+/// Status callbacks kept for a SID not saved yet (parameters, our message id from the URL),
+/// and when the first arrived.
+type EarlyStatus = (Vec<(Vec<(String, String)>, Option<i64>)>, i64);
+
+/// The query parameter of a status callback URL that carries our message id.
+pub const MESSAGE_ID_PARAM: &str = "m";
 
 pub fn now_ms() -> i64 {
     SystemTime::now()

@@ -1,10 +1,10 @@
 //! Outbound: a phone's (or the API's) text → rules → policy → outbox → Twilio, exactly once.
 
-use super::{now_ms, Messaging, Owner};
+use super::{now_ms, Messaging, Owner, MESSAGE_ID_PARAM};
 use crate::config::AnswerMode;
 use crate::content::{Content, Outgoing};
 use crate::metrics::CodeLabel;
-use crate::store::{Direction, Kind, Message, NewMessage, Store, Update};
+use crate::store::{Advance, Direction, Kind, Message, NewMessage, StatusCallback, Store, Update};
 use crate::twilio::{SendOutcome, SendRequest};
 use smsgw_rules::outbound::{
     choose_sender, route, RouteError, Sender, SenderChoice, SenderOptions, Source,
@@ -612,7 +612,11 @@ impl Messaging {
             messaging_service_sid: is_service.then(|| m.sender.clone()),
             body: m.body.clone(),
             media_urls: m.media.clone(),
-            status_callback: Some(self.status_callback_url(sms_index)),
+            status_callback: Some(format!(
+                "{}?{MESSAGE_ID_PARAM}={}",
+                self.status_callback_url(sms_index),
+                m.id
+            )),
             extra: sms.send_params.clone(),
         };
         let started = std::time::Instant::now();
@@ -820,8 +824,10 @@ impl Messaging {
         }
     }
 
-    /// A status callback from Twilio (already matched to a configuration and signature-checked).
-    pub async fn on_status(&self, params: &[(String, String)]) {
+    /// A status callback from Twilio (already matched to a configuration and signature-checked);
+    /// `id` is our message id from the callback URL (absent on hand-made URLs and on messages
+    /// sent before ids were carried).
+    pub async fn on_status(&self, params: &[(String, String)], id: Option<i64>) {
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         let (Some(sid), Some(status)) = (
             get("MessageSid"),
@@ -834,12 +840,17 @@ impl Messaging {
         };
         let code = get("ErrorCode").and_then(|c| c.parse().ok());
         let message = get("ErrorMessage").map(str::to_string);
+        let callback = StatusCallback {
+            sid: sid.to_string(),
+            id,
+            to: get("To").map(str::to_string),
+        };
         let advanced = self
             .store
-            .advance_by_sid(sid.to_string(), status, (code, message), now_ms())
+            .advance_status(callback, status, (code, message), now_ms())
             .await;
         match advanced {
-            Ok(Some(m)) => {
+            Ok(Advance::Moved(m)) => {
                 self.count(Direction::Outbound, status);
                 if let Some(c) = code {
                     self.metrics
@@ -855,14 +866,11 @@ impl Messaging {
                     _ => {}
                 }
             }
-            Ok(None) => {
-                // Twilio can call back before our save of its answer has committed: keep the
-                // callback for a while and apply it once the SID is ours.
-                if !self.store.sid_known(sid.to_string()).await.unwrap_or(true) {
-                    self.stash_early_status(sid, params);
-                } else {
-                    tracing::debug!(%sid, %status, "status callback that would move a message back; ignored");
-                }
+            // Twilio can call back before our save of its answer has committed: keep the
+            // callback for a while and apply it once the SID is ours.
+            Ok(Advance::NotSaved) => self.stash_early_status(sid, params, id),
+            Ok(Advance::Refused) => {
+                tracing::debug!(%sid, %status, "status callback for an unknown message or one that would move it back; ignored");
             }
             Err(e) => {
                 self.metrics.store_errors.inc();
@@ -872,7 +880,7 @@ impl Messaging {
     }
 
     /// Keeps a callback for a SID not saved yet; bounded, and old ones are dropped.
-    fn stash_early_status(&self, sid: &str, params: &[(String, String)]) {
+    fn stash_early_status(&self, sid: &str, params: &[(String, String)], id: Option<i64>) {
         let mut early = self.early_status.lock().expect("early lock");
         let now = now_ms();
         early.retain(|_, (_, at)| now - *at < 600_000);
@@ -881,15 +889,15 @@ impl Messaging {
                 .entry(sid.to_string())
                 .or_insert_with(|| (Vec::new(), now))
                 .0
-                .push(params.to_vec());
+                .push((params.to_vec(), id));
         }
     }
 
     /// Applies callbacks that arrived before `sid` was saved.
     async fn apply_early_status(&self, sid: &str) {
         let stashed = self.early_status.lock().expect("early lock").remove(sid);
-        for params in stashed.map(|(p, _)| p).unwrap_or_default() {
-            Box::pin(self.on_status(&params)).await;
+        for (params, id) in stashed.map(|(p, _)| p).unwrap_or_default() {
+            Box::pin(self.on_status(&params, id)).await;
         }
     }
 

@@ -208,6 +208,28 @@ pub struct NewMessage {
     pub lease: i64,
 }
 
+/// Which outbound message a status callback is about.
+#[derive(Debug, Clone)]
+pub struct StatusCallback {
+    /// Twilio's `MessageSid`: it must be the one saved for the message.
+    pub sid: String,
+    /// Our message id, carried in the callback URL we gave Twilio.
+    pub id: Option<i64>,
+    /// Twilio's `To`: finds the message by SID among the recipient's when there is no id.
+    pub to: Option<String>,
+}
+
+/// What a status callback did.
+#[derive(Debug)]
+pub enum Advance {
+    /// The message moved forward; as it now is.
+    Moved(Box<Message>),
+    /// Twilio's answer carrying the SID is not saved yet: the callback came first.
+    NotSaved,
+    /// Unknown message or SID, or a move backwards (a late or repeated callback).
+    Refused,
+}
+
 /// Changes to one message; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]
 pub struct Update {
@@ -337,15 +359,15 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Moves the outbound message with `sid` to `status` if that is forward; returns it as it
-    /// now is, or `None` if the sid is unknown or the move was refused.
-    fn advance_by_sid(
+    /// Moves the outbound message a status callback is about to `status` if that is forward;
+    /// returns it as it now is.
+    fn advance_status(
         &self,
-        sid: String,
+        callback: StatusCallback,
         status: MessageStatus,
         error: (Option<i64>, Option<String>),
         now: i64,
-    ) -> impl Future<Output = Result<Option<Message>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Advance, StoreError>> + Send;
 
     /// Takes due outbound messages: pushes their next attempt `lease_ms` ahead, counts the
     /// attempt and marks them in doubt (a request is about to be sent); `reconcile` reports
@@ -428,9 +450,6 @@ pub trait Store: Send + Sync + 'static {
         now: i64,
         seen_before: i64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// Whether an outbound message already carries this Twilio SID.
-    fn sid_known(&self, sid: String) -> impl Future<Output = Result<bool, StoreError>> + Send;
 
     /// Makes every leased outbound message due now (at start: no other process holds leases).
     fn release_outbound_leases(

@@ -6,8 +6,8 @@
 //! that got `Ok` knows its write is on disk; a thousand concurrent writers cost one fsync.
 
 use super::{
-    Direction, Kind, Message, MessageFilter, NewMessage, Recorded, Store, StoreError,
-    StoredBinding, Update,
+    Advance, Direction, Kind, Message, MessageFilter, NewMessage, Recorded, StatusCallback, Store,
+    StoreError, StoredBinding, Update,
 };
 use rusqlite::{params, Connection, OptionalExtension, Row};
 use smsgw_rules::MessageStatus;
@@ -109,6 +109,12 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO seen_webhooks_v3 (key, received_at) SELECT key, received_at FROM seen_webhooks;
     DROP TABLE seen_webhooks;
     ALTER TABLE seen_webhooks_v3 RENAME TO seen_webhooks;",
+    // 4: no index on outbound SIDs. Twilio's SIDs are random, so each sent message wrote a
+    // random leaf of an index as large as the history (two fifths of the bytes written per
+    // message). Status callbacks carry our message id in their URL instead, and the few lookups
+    // by SID left (reconciliation, callbacks without an id) go through the recipient's entries
+    // of `messages_remote`; a SID belongs to one recipient, so uniqueness per recipient is enough.
+    "DROP INDEX messages_sid_out;",
 ];
 
 const MESSAGE_COLUMNS: &str =
@@ -633,20 +639,36 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn advance_by_sid(
+    async fn advance_status(
         &self,
-        sid: String,
+        callback: StatusCallback,
         status: MessageStatus,
         error: (Option<i64>, Option<String>),
         now: i64,
-    ) -> Result<Option<Message>, StoreError> {
+    ) -> Result<Advance, StoreError> {
         self.run(move |conn| {
-            let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE twilio_sid = ?1 AND direction = 'outbound'");
-            let Some(current) = conn.prepare_cached(&sql)?.query_row([&sid], message_from_row).optional()? else {
-                return Ok(None);
+            let found = match (callback.id, &callback.to) {
+                (Some(id), _) => {
+                    let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1 AND direction = 'outbound'");
+                    conn.prepare_cached(&sql)?.query_row([id], message_from_row).optional()?
+                }
+                (None, Some(to)) => {
+                    let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE remote = ?1 AND direction = 'outbound' AND twilio_sid = ?2");
+                    conn.prepare_cached(&sql)?.query_row([to, &callback.sid], message_from_row).optional()?
+                }
+                (None, None) => None,
+            };
+            let current = match found {
+                Some(m) if m.twilio_sid.as_deref() == Some(callback.sid.as_str()) => m,
+                // Twilio answered, but our save of its answer has not committed yet.
+                Some(m) if m.twilio_sid.is_none() && !m.status.is_final() => return Ok(Advance::NotSaved),
+                Some(_) => return Ok(Advance::Refused),
+                // Without our id, "not found" may also mean "not saved yet".
+                None if callback.id.is_none() && callback.to.is_some() => return Ok(Advance::NotSaved),
+                None => return Ok(Advance::Refused),
             };
             if !current.status.can_become(status) {
-                return Ok(None);
+                return Ok(Advance::Refused);
             }
             let update = Update {
                 status: Some(status),
@@ -654,9 +676,12 @@ impl Store for SqliteStore {
                 ..Update::default()
             };
             apply_update(conn, current.id, &update, now)?;
+            let sql = format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1");
             Ok(conn
-                .query_row(&format!("SELECT {MESSAGE_COLUMNS} FROM messages WHERE id = ?1"), [current.id], message_from_row)
-                .optional()?)
+                .prepare_cached(&sql)?
+                .query_row([current.id], message_from_row)
+                .optional()?
+                .map_or(Advance::Refused, |m| Advance::Moved(Box::new(m))))
         })
         .await
     }
@@ -704,9 +729,10 @@ impl Store for SqliteStore {
         self.run(move |conn| {
             let taken = conn
                 .prepare_cached(
-                    "SELECT 1 FROM messages WHERE twilio_sid = ?1 AND direction = 'outbound'",
+                    "SELECT 1 FROM messages WHERE remote = (SELECT remote FROM messages WHERE id = ?1)
+                         AND direction = 'outbound' AND twilio_sid = ?2",
                 )?
-                .exists([&sid])?;
+                .exists(params![id, &sid])?;
             if taken {
                 return Ok(false);
             }
@@ -910,17 +936,6 @@ impl Store for SqliteStore {
                 [seen_before],
             )?;
             Ok(())
-        })
-        .await
-    }
-
-    async fn sid_known(&self, sid: String) -> Result<bool, StoreError> {
-        self.run(move |conn| {
-            Ok(conn
-                .prepare_cached(
-                    "SELECT 1 FROM messages WHERE twilio_sid = ?1 AND direction = 'outbound'",
-                )?
-                .exists([sid])?)
         })
         .await
     }
@@ -1161,27 +1176,94 @@ mod tests {
             .await
             .unwrap()
             .is_empty());
-        let update = Update {
+        let update_with_sid = |sid: &str| Update {
             status: Some(MessageStatus::Queued),
-            twilio_sid: Some("SM1".into()),
+            twilio_sid: Some(sid.into()),
             next_attempt_at: Some(None),
             in_doubt: Some(false),
             ..Update::default()
         };
-        store.update_message(ids[0], update, 2002).await.unwrap();
-        let delivered = store
-            .advance_by_sid("SM1".into(), MessageStatus::Delivered, (None, None), 2003)
+        store
+            .update_message(ids[0], update_with_sid("SM1"), 2002)
+            .await
+            .unwrap();
+        let by_id = |sid: &str, id| StatusCallback {
+            sid: sid.into(),
+            id: Some(id),
+            to: None,
+        };
+        let Advance::Moved(delivered) = store
+            .advance_status(
+                by_id("SM1", ids[0]),
+                MessageStatus::Delivered,
+                (None, None),
+                2003,
+            )
             .await
             .unwrap()
-            .unwrap();
+        else {
+            panic!("delivered did not move the message");
+        };
         assert_eq!(delivered.status, MessageStatus::Delivered);
         assert!(!delivered.in_doubt && delivered.next_attempt_at.is_none());
-        // A late "sent" never moves it back.
+        // A late "sent" never moves it back, found by id or by recipient.
         let late = store
-            .advance_by_sid("SM1".into(), MessageStatus::Sent, (None, None), 2004)
+            .advance_status(
+                by_id("SM1", ids[0]),
+                MessageStatus::Sent,
+                (None, None),
+                2004,
+            )
             .await
             .unwrap();
-        assert!(late.is_none());
+        assert!(matches!(late, Advance::Refused));
+        let by_recipient = StatusCallback {
+            sid: "SM1".into(),
+            id: None,
+            to: Some(delivered.remote.clone()),
+        };
+        let late = store
+            .advance_status(by_recipient, MessageStatus::Sent, (None, None), 2004)
+            .await
+            .unwrap();
+        assert!(matches!(late, Advance::Refused));
+        // Another message's SID, or one before Twilio's answer is saved.
+        let wrong = store
+            .advance_status(
+                by_id("SM1", ids[1]),
+                MessageStatus::Sent,
+                (None, None),
+                2005,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(wrong, Advance::NotSaved));
+        store
+            .update_message(ids[1], update_with_sid("SM2"), 2006)
+            .await
+            .unwrap();
+        let wrong = store
+            .advance_status(
+                by_id("SM1", ids[1]),
+                MessageStatus::Sent,
+                (None, None),
+                2007,
+            )
+            .await
+            .unwrap();
+        assert!(matches!(wrong, Advance::Refused));
+        let by_recipient = StatusCallback {
+            sid: "SM2".into(),
+            id: None,
+            to: Some(delivered.remote.clone()),
+        };
+        let sent = store
+            .advance_status(by_recipient, MessageStatus::Sent, (None, None), 2008)
+            .await
+            .unwrap();
+        assert!(
+            matches!(sent, Advance::Moved(m) if m.id == ids[1] && m.status == MessageStatus::Sent)
+        );
         assert_eq!(
             store.message(ids[0]).await.unwrap().unwrap().status,
             MessageStatus::Delivered
