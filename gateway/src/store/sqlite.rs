@@ -209,9 +209,9 @@ type ReadJob = Box<dyn FnOnce(&Connection) + Send>;
 const BACKGROUND_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 /// How often the writer itself checkpoints, between batches. Only a checkpoint that copies the
 /// whole WAL with no commit under way lets the next commit start the WAL over, so without this
-/// the WAL would grow as long as writes go on; thanks to the background copying there is little
-/// left to copy by then, and its pause comes twice a second instead of ten times. The WAL file
-/// holds what is written in this time (about 2 pages per message: ~35 MB at 8,000 messages/s).
+/// the WAL would grow as long as writes go on. When it is due, the background connection first
+/// copies what is there; the writer then copies only what was committed meanwhile (a few
+/// milliseconds' worth), so its pause is short. The WAL file holds what is written in this time.
 const WRITER_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 #[derive(Clone)]
@@ -239,17 +239,18 @@ impl SqliteStore {
         let thread_error =
             |e: std::io::Error| StoreError::Corrupt(format!("cannot start a database thread: {e}"));
         let (jobs, mut rx) = mpsc::channel::<Job>(4096);
-        let (writer_alive, writer_gone) = std::sync::mpsc::channel::<()>();
+        // The writer asks for a checkpoint ahead of its own; dropping the sender stops the thread.
+        let (ask_ahead, asked_ahead) = std::sync::mpsc::channel::<()>();
         let writer_due = Arc::new(AtomicBool::new(false));
-        let background_due = writer_due.clone();
+        let copied_ahead = Arc::new(AtomicBool::new(false));
+        let background = (writer_due.clone(), copied_ahead.clone());
         std::thread::Builder::new()
             .name("smsgw-sqlite-ckpt".into())
-            .spawn(move || background_checkpoints(checkpointer, writer_gone, background_due))
+            .spawn(move || background_checkpoints(checkpointer, asked_ahead, background))
             .map_err(thread_error)?;
         std::thread::Builder::new()
             .name("smsgw-sqlite".into())
             .spawn(move || {
-                let _alive = writer_alive;
                 let conn = writer;
                 let mut batch = Vec::with_capacity(BATCH);
                 let mut last_commit = std::time::Instant::now();
@@ -270,12 +271,17 @@ impl SqliteStore {
                     }
                     run_batch(&conn, &mut batch);
                     last_commit = std::time::Instant::now();
-                    if last_checkpoint.elapsed() >= WRITER_CHECKPOINT_EVERY {
-                        // Busy while a background checkpoint finishes; the next try gets it.
-                        writer_due.store(true, Ordering::Release);
+                    if last_checkpoint.elapsed() < WRITER_CHECKPOINT_EVERY {
+                        continue;
+                    }
+                    if !writer_due.swap(true, Ordering::AcqRel) {
+                        let _ = ask_ahead.send(());
+                    } else if copied_ahead.swap(false, Ordering::AcqRel) {
                         if checkpoint(&conn) {
                             writer_due.store(false, Ordering::Release);
                             last_checkpoint = std::time::Instant::now();
+                        } else {
+                            let _ = ask_ahead.send(());
                         }
                     }
                 }
@@ -366,19 +372,27 @@ fn checkpoint(conn: &Connection) -> bool {
     }
 }
 
-/// Checkpoints on its own connection until the writer thread ends (`writer_gone`), except
-/// while the writer's own checkpoint is due (`writer_due`), so that a background checkpoint under
-/// way cannot keep postponing the one that lets the WAL start over.
+/// Checkpoints on its own connection until the writer thread ends (`asked_ahead` closes). While
+/// the writer's own checkpoint is due (`writer_due`) it only copies when asked to, once, and then
+/// says so (`copied_ahead`), so that the writer's checkpoint finds little left to copy and no
+/// background checkpoint under way.
 fn background_checkpoints(
     conn: Connection,
-    writer_gone: std::sync::mpsc::Receiver<()>,
-    writer_due: Arc<AtomicBool>,
+    asked_ahead: std::sync::mpsc::Receiver<()>,
+    (writer_due, copied_ahead): (Arc<AtomicBool>, Arc<AtomicBool>),
 ) {
-    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
-        writer_gone.recv_timeout(BACKGROUND_CHECKPOINT_EVERY)
-    {
-        if !writer_due.load(Ordering::Acquire) {
-            checkpoint(&conn);
+    use std::sync::mpsc::RecvTimeoutError;
+    loop {
+        match asked_ahead.recv_timeout(BACKGROUND_CHECKPOINT_EVERY) {
+            Ok(()) => {
+                checkpoint(&conn);
+                copied_ahead.store(true, Ordering::Release);
+            }
+            Err(RecvTimeoutError::Timeout) if !writer_due.load(Ordering::Acquire) => {
+                checkpoint(&conn);
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
         }
     }
 }
