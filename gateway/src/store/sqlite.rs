@@ -1201,80 +1201,57 @@ mod tests {
             .update_message(ids[0], update_with_sid("SM1"), 2002)
             .await
             .unwrap();
-        let by_id = |sid: &str, id| StatusCallback {
+        let callback = |sid: &str, id, to: Option<&str>| StatusCallback {
             sid: sid.into(),
-            id: Some(id),
-            to: None,
+            id,
+            to: to.map(str::to_string),
         };
-        let Advance::Moved(delivered) = store
-            .advance_status(
-                by_id("SM1", ids[0]),
-                MessageStatus::Delivered,
-                (None, None),
-                2003,
-            )
-            .await
-            .unwrap()
+        let store_ref = &store;
+        let advance = move |callback, status, now| async move {
+            store_ref
+                .advance_status(callback, status, (None, None), now)
+                .await
+                .unwrap()
+        };
+        let Advance::Moved(delivered) = advance(
+            callback("SM1", Some(ids[0]), None),
+            MessageStatus::Delivered,
+            2003,
+        )
+        .await
         else {
             panic!("delivered did not move the message");
         };
         assert_eq!(delivered.status, MessageStatus::Delivered);
         assert!(!delivered.in_doubt && delivered.next_attempt_at.is_none());
+        let to = Some(delivered.remote.as_str());
         // A late "sent" never moves it back, found by id or by recipient.
-        let late = store
-            .advance_status(
-                by_id("SM1", ids[0]),
-                MessageStatus::Sent,
-                (None, None),
-                2004,
-            )
-            .await
-            .unwrap();
-        assert!(matches!(late, Advance::Refused));
-        let by_recipient = StatusCallback {
-            sid: "SM1".into(),
-            id: None,
-            to: Some(delivered.remote.clone()),
-        };
-        let late = store
-            .advance_status(by_recipient, MessageStatus::Sent, (None, None), 2004)
-            .await
-            .unwrap();
-        assert!(matches!(late, Advance::Refused));
-        // Another message's SID, or one before Twilio's answer is saved.
-        let wrong = store
-            .advance_status(
-                by_id("SM1", ids[1]),
-                MessageStatus::Sent,
-                (None, None),
-                2005,
-            )
-            .await
-            .unwrap();
-        assert!(matches!(wrong, Advance::NotSaved));
+        let late = advance(
+            callback("SM1", Some(ids[0]), None),
+            MessageStatus::Sent,
+            2004,
+        );
+        assert!(matches!(late.await, Advance::Refused));
+        let late = advance(callback("SM1", None, to), MessageStatus::Sent, 2004);
+        assert!(matches!(late.await, Advance::Refused));
+        // Another message's SID: kept for later while that message has none saved yet.
+        let early = advance(
+            callback("SM1", Some(ids[1]), None),
+            MessageStatus::Sent,
+            2005,
+        );
+        assert!(matches!(early.await, Advance::NotSaved));
         store
             .update_message(ids[1], update_with_sid("SM2"), 2006)
             .await
             .unwrap();
-        let wrong = store
-            .advance_status(
-                by_id("SM1", ids[1]),
-                MessageStatus::Sent,
-                (None, None),
-                2007,
-            )
-            .await
-            .unwrap();
-        assert!(matches!(wrong, Advance::Refused));
-        let by_recipient = StatusCallback {
-            sid: "SM2".into(),
-            id: None,
-            to: Some(delivered.remote.clone()),
-        };
-        let sent = store
-            .advance_status(by_recipient, MessageStatus::Sent, (None, None), 2008)
-            .await
-            .unwrap();
+        let wrong = advance(
+            callback("SM1", Some(ids[1]), None),
+            MessageStatus::Sent,
+            2007,
+        );
+        assert!(matches!(wrong.await, Advance::Refused));
+        let sent = advance(callback("SM2", None, to), MessageStatus::Sent, 2008).await;
         assert!(
             matches!(sent, Advance::Moved(m) if m.id == ids[1] && m.status == MessageStatus::Sent)
         );
