@@ -274,14 +274,17 @@ impl SqliteStore {
                     if last_checkpoint.elapsed() < WRITER_CHECKPOINT_EVERY {
                         continue;
                     }
-                    if !writer_due.swap(true, Ordering::AcqRel) {
-                        let _ = ask_ahead.send(());
-                    } else if copied_ahead.swap(false, Ordering::AcqRel) {
+                    let ready = if writer_due.swap(true, Ordering::AcqRel) {
+                        copied_ahead.swap(false, Ordering::AcqRel)
+                    } else {
+                        // Without the background thread, copy everything now.
+                        ask_ahead.send(()).is_err()
+                    };
+                    if ready {
+                        // A failed checkpoint asks again after the next batch.
+                        writer_due.store(false, Ordering::Release);
                         if checkpoint(&conn) {
-                            writer_due.store(false, Ordering::Release);
                             last_checkpoint = std::time::Instant::now();
-                        } else {
-                            let _ = ask_ahead.send(());
                         }
                     }
                 }
