@@ -78,6 +78,13 @@ pub enum Outcome {
     Expired,
 }
 
+/// What is left to record once Twilio took a message.
+struct Taken {
+    id: i64,
+    status: MessageStatus,
+    sid: Option<String>,
+}
+
 /// Per-extension rate limit (per minute) and daily quota; the maps hold one entry per extension
 /// that has sent, so they are bounded by the configuration.
 #[derive(Default)]
@@ -260,7 +267,7 @@ impl Messaging {
     ) -> Option<(i64, Outcome)> {
         let mut first = None;
         for m in messages {
-            let outcome = self.attempt(m.clone()).await;
+            let (outcome, taken) = self.hand_over(m.clone()).await;
             let decided_by_caller = match reply.take() {
                 Some(tx) => {
                     let _ = tx.send(outcome.clone());
@@ -268,6 +275,9 @@ impl Messaging {
                 }
                 None => false,
             };
+            if let Some(taken) = taken {
+                self.record_taken(taken).await;
+            }
             if matches!(outcome, Outcome::Rejected { .. }) && notify && !decided_by_caller {
                 self.notify_outcome(&m.id, false).await;
             }
@@ -539,24 +549,38 @@ impl Messaging {
 
     /// One attempt at handing `m` (claimed: leased and marked in doubt) to Twilio.
     pub async fn attempt(&self, m: Message) -> Outcome {
+        let (outcome, taken) = self.hand_over(m).await;
+        if let Some(taken) = taken {
+            self.record_taken(taken).await;
+        }
+        outcome
+    }
+
+    /// Hands `m` to Twilio and returns the outcome. When Twilio took it, what is left to record
+    /// comes back too, so that a waiting phone hears the outcome one commit sooner: until it is
+    /// recorded, the row stays in doubt, and a restart finds it at Twilio instead of resending.
+    async fn hand_over(&self, m: Message) -> (Outcome, Option<Taken>) {
         let now = now_ms();
         let Some(sms_index) = self.sms_index(&m.sms_config) else {
             tracing::error!(id = m.id, sms = %m.sms_config, "message for an SMS configuration that no longer exists");
-            return Outcome::Queued;
+            return (Outcome::Queued, None);
         };
         // An earlier attempt may have reached Twilio: find out before expiring or resending.
         if m.reconcile {
             match self.reconcile(&m, sms_index).await {
-                Ok(true) => return Outcome::Accepted,
+                Ok(true) => return (Outcome::Accepted, None),
                 Ok(false) => {}
                 Err(e) => {
                     tracing::warn!(id = m.id, error = %e, "cannot check Twilio for an earlier attempt; will retry");
-                    return self.retry(&m, None, true).await;
+                    return (self.retry(&m, None, true).await, None);
                 }
             }
         }
         if m.expires_at.is_some_and(|t| now >= t) {
-            return self.finish(&m, MessageStatus::Expired, None, None).await;
+            return (
+                self.finish(&m, MessageStatus::Expired, None, None).await,
+                None,
+            );
         }
         let sms = &self.settings.sms[sms_index];
         let wait = self.pacer.reserve(
@@ -573,7 +597,7 @@ impl Messaging {
                 ..Update::default()
             };
             self.save(m.id, update).await;
-            return Outcome::Queued;
+            return (Outcome::Queued, None);
         }
         if !wait.is_zero() {
             tokio::time::sleep(wait).await;
@@ -598,11 +622,11 @@ impl Messaging {
                     id = m.id,
                     "lost the lease on a message; another attempt has it"
                 );
-                return Outcome::Queued;
+                return (Outcome::Queued, None);
             }
             Err(e) => {
                 tracing::error!(id = m.id, error = %e, "cannot renew a lease; not sending now");
-                return Outcome::Queued;
+                return (Outcome::Queued, None);
             }
         }
         let is_service = m.sender.starts_with("MG") && m.sender.len() == 34;
@@ -626,20 +650,12 @@ impl Messaging {
             .observe(started.elapsed().as_secs_f64());
         match outcome {
             SendOutcome::Created(res) => {
-                let status = accepted_status(res.status.as_deref());
-                let update = Update {
-                    status: Some(status),
-                    twilio_sid: res.sid.clone(),
-                    next_attempt_at: Some(None),
-                    in_doubt: Some(false),
-                    ..Update::default()
+                let taken = Taken {
+                    id: m.id,
+                    status: accepted_status(res.status.as_deref()),
+                    sid: res.sid,
                 };
-                self.save(m.id, update).await;
-                self.count(Direction::Outbound, status);
-                if let Some(sid) = res.sid {
-                    self.apply_early_status(&sid).await;
-                }
-                Outcome::Accepted
+                (Outcome::Accepted, Some(taken))
             }
             SendOutcome::Rejected(err) => {
                 self.metrics
@@ -652,8 +668,10 @@ impl Messaging {
                         tracing::error!(error = %e, "cannot record an opt-out");
                     }
                 }
-                self.finish(&m, MessageStatus::Failed, Some(err.code), Some(err.message))
-                    .await
+                let outcome = self
+                    .finish(&m, MessageStatus::Failed, Some(err.code), Some(err.message))
+                    .await;
+                (outcome, None)
             }
             SendOutcome::Retry {
                 after,
@@ -667,13 +685,29 @@ impl Messaging {
                         .get_or_create(&CodeLabel { code })
                         .inc();
                 }
-                self.retry(&m, after, in_doubt).await
+                (self.retry(&m, after, in_doubt).await, None)
             }
         }
     }
 
     /// Puts the message back in the outbox with exponential backoff and jitter (at least
     /// `after`, Twilio's Retry-After), or expires it when its validity runs out first.
+    /// Records that Twilio took a message, then applies callbacks that came before its SID.
+    async fn record_taken(&self, taken: Taken) {
+        let update = Update {
+            status: Some(taken.status),
+            twilio_sid: taken.sid.clone(),
+            next_attempt_at: Some(None),
+            in_doubt: Some(false),
+            ..Update::default()
+        };
+        self.save(taken.id, update).await;
+        self.count(Direction::Outbound, taken.status);
+        if let Some(sid) = taken.sid {
+            self.apply_early_status(&sid).await;
+        }
+    }
+
     async fn retry(&self, m: &Message, after: Option<Duration>, in_doubt: bool) -> Outcome {
         self.metrics.twilio_retries.inc();
         let exp = 1000i64.saturating_mul(1 << m.attempts.min(16));
