@@ -686,7 +686,8 @@ async fn status_callbacks(s: Arc<SimState>, m: SimMessage, url: String, mode: Mo
                 params.push(("ErrorMessage".into(), msg.clone()));
             }
         }
-        if let Some(sm) = s.messages.lock().iter_mut().find(|x| x.sid == m.sid) {
+        // Newest first: the message whose status moves was created moments ago.
+        if let Some(sm) = s.messages.lock().iter_mut().rev().find(|x| x.sid == m.sid) {
             sm.status = status.into();
             if failed {
                 sm.error_code = Some(mode.error_code.unwrap_or(30007));
@@ -827,6 +828,7 @@ fn api_get_inner(
                 s.messages
                     .lock()
                     .iter()
+                    .rev()
                     .find(|m| m.sid == sid)
                     .map(|m| message_value(&s.config.account_sid, m))
             });
