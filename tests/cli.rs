@@ -50,7 +50,7 @@ fn check_accepts_the_example_configs() {
 #[test]
 fn check_and_run_report_every_problem_and_run_binds_nothing() {
     let dir = temp_dir("cli-bad");
-    let port = free_port();
+    let port = free_port_outside_ephemeral();
     let bad = config(&dir.join("data"), "")
         .replace("udp:127.0.0.1:0", "udp:127.0.0.1:notaport")
         .replace(

@@ -240,6 +240,21 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A TCP port that is free now and below the kernel's ephemeral range, so that no socket bound to
+/// port 0 meanwhile (by this or a concurrent test) can take it: for checking that a port stays free.
+pub fn free_port_outside_ephemeral() -> u16 {
+    let ephemeral_from: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32768);
+    let span = ephemeral_from.saturating_sub(1024).max(1);
+    let offset = (std::process::id() % u32::from(span)) as u16;
+    (0..span)
+        .map(|i| 1024 + (offset + i) % span)
+        .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free port below the ephemeral range")
+}
+
 pub const SIPSAK_HINT: &str = "install it with: apt-get install sipsak";
 pub const NETSIP_HINT: &str = "install it with: apt-get install libnet-sip-perl";
 pub const PJSUA_HINT: &str = "create the venv with: python3 -m venv .venv && .venv/bin/pip install -r tests/requirements.txt";
