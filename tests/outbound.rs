@@ -220,7 +220,12 @@ fn status_callbacks_are_checked_and_only_move_forward() {
     let gw = Gateway::start_messaging("out-status", &sim, "");
     sim.set_mode(serde_json::json!({"no_callbacks": true}));
     assert!(send(&gw, "5551230003", "status test").contains("202"));
-    let m = &gw.messages("?direction=outbound")[0];
+    // The phone hears Twilio's verdict before the SID is recorded.
+    let m = &eventually(10, "the SID recorded", || {
+        gw.messages("?direction=outbound")
+            .into_iter()
+            .find(|m| m["twilio_sid"].is_string())
+    });
     let sid = m["twilio_sid"].as_str().unwrap().to_string();
     let url = sim.sends()[0]["form"]
         .as_array()
