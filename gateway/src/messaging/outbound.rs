@@ -267,7 +267,7 @@ impl Messaging {
     ) -> Option<(i64, Outcome)> {
         let mut first = None;
         for m in messages {
-            let (outcome, taken) = self.hand_over(m.clone()).await;
+            let (outcome, taken) = self.send_to_twilio(m.clone()).await;
             let decided_by_caller = match reply.take() {
                 Some(tx) => {
                     let _ = tx.send(outcome.clone());
@@ -549,7 +549,7 @@ impl Messaging {
 
     /// One attempt at handing `m` (claimed: leased and marked in doubt) to Twilio.
     pub async fn attempt(&self, m: Message) -> Outcome {
-        let (outcome, taken) = self.hand_over(m).await;
+        let (outcome, taken) = self.send_to_twilio(m).await;
         if let Some(taken) = taken {
             self.record_taken(taken).await;
         }
@@ -559,7 +559,7 @@ impl Messaging {
     /// Hands `m` to Twilio and returns the outcome. When Twilio took it, what is left to record
     /// comes back too, so that a waiting phone hears the outcome one commit sooner: until it is
     /// recorded, the row stays in doubt, and a restart finds it at Twilio instead of resending.
-    async fn hand_over(&self, m: Message) -> (Outcome, Option<Taken>) {
+    async fn send_to_twilio(&self, m: Message) -> (Outcome, Option<Taken>) {
         let now = now_ms();
         let Some(sms_index) = self.sms_index(&m.sms_config) else {
             tracing::error!(id = m.id, sms = %m.sms_config, "message for an SMS configuration that no longer exists");
@@ -690,8 +690,6 @@ impl Messaging {
         }
     }
 
-    /// Puts the message back in the outbox with exponential backoff and jitter (at least
-    /// `after`, Twilio's Retry-After), or expires it when its validity runs out first.
     /// Records that Twilio took a message, then applies callbacks that came before its SID.
     async fn record_taken(&self, taken: Taken) {
         let update = Update {
@@ -708,6 +706,8 @@ impl Messaging {
         }
     }
 
+    /// Puts the message back in the outbox with exponential backoff and jitter (at least
+    /// `after`, Twilio's Retry-After), or expires it when its validity runs out first.
     async fn retry(&self, m: &Message, after: Option<Duration>, in_doubt: bool) -> Outcome {
         self.metrics.twilio_retries.inc();
         let exp = 1000i64.saturating_mul(1 << m.attempts.min(16));
@@ -862,6 +862,11 @@ impl Messaging {
     /// `id` is our message id from the callback URL (absent on hand-made URLs and on messages
     /// sent before ids were carried).
     pub async fn on_status(&self, params: &[(String, String)], id: Option<i64>) {
+        self.apply_status(params, id, true).await;
+    }
+
+    /// `recheck`: if the SID is not saved yet, look once more after keeping the callback.
+    async fn apply_status(&self, params: &[(String, String)], id: Option<i64>, recheck: bool) {
         let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
         let (Some(sid), Some(status)) = (
             get("MessageSid"),
@@ -902,7 +907,14 @@ impl Messaging {
             }
             // Twilio can call back before our save of its answer has committed: keep the
             // callback for a while and apply it once the SID is ours.
-            Ok(Advance::NotSaved) => self.stash_early_status(sid, params, id),
+            Ok(Advance::NotSaved) => {
+                self.stash_early_status(sid, params, id);
+                // The save may have committed, and looked for kept callbacks, between our
+                // check and keeping this one: look once more, or it would wait for nobody.
+                if recheck {
+                    Box::pin(self.apply_early_status(sid)).await;
+                }
+            }
             Ok(Advance::Refused) => {
                 tracing::debug!(%sid, %status, "status callback for an unknown message or one that would move it back; ignored");
             }
@@ -927,11 +939,12 @@ impl Messaging {
         }
     }
 
-    /// Applies callbacks that arrived before `sid` was saved.
+    /// Applies callbacks that arrived before `sid` was saved; one that still finds it unsaved
+    /// is kept again.
     async fn apply_early_status(&self, sid: &str) {
         let stashed = self.early_status.lock().expect("early lock").remove(sid);
         for (params, id) in stashed.map(|(p, _)| p).unwrap_or_default() {
-            Box::pin(self.on_status(&params, id)).await;
+            Box::pin(self.apply_status(&params, id, false)).await;
         }
     }
 
