@@ -247,10 +247,10 @@ pub fn free_port_outside_ephemeral() -> u16 {
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse().ok())
         .unwrap_or(32768);
-    let span = ephemeral_from.saturating_sub(1024).max(1);
-    let offset = (std::process::id() % u32::from(span)) as u16;
+    let span = u32::from(ephemeral_from.max(2048)) - 1024;
+    let offset = std::process::id() % span;
     (0..span)
-        .map(|i| 1024 + (offset + i) % span)
+        .map(|i| (1024 + (offset + i) % span) as u16)
         .find(|&p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
         .expect("a free port below the ephemeral range")
 }

@@ -10,14 +10,13 @@
 //! response latency percentiles, and the gateway's RSS and CPU.
 //!
 //! Latency is reported twice: as the generator's task saw it, and stamped by the kernel when the
-//! answer reached the generator's socket (`SO_TIMESTAMPNS`). The second leaves out the time the
+//! answer reached the generator's socket (`SO_TIMESTAMPNS`, on Linux). The second leaves out the time the
 //! generator itself waited for a core to read the answer, which on a shared two-core machine is
 //! part of the first.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -126,7 +125,9 @@ fn message(i: u64, port: u16, gw: SocketAddr) -> Vec<u8> {
 }
 
 /// Has the kernel stamp every datagram `socket` receives with its arrival time.
+#[cfg(target_os = "linux")]
 fn stamp_arrivals(socket: &tokio::net::UdpSocket) {
+    use std::os::fd::AsRawFd;
     let on: libc::c_int = 1;
     // SAFETY: a valid socket and a c_int option value of the stated size.
     let rc = unsafe {
@@ -142,10 +143,12 @@ fn stamp_arrivals(socket: &tokio::net::UdpSocket) {
 }
 
 /// Reads one datagram without waiting, with the arrival time the kernel stamped on it.
+#[cfg(target_os = "linux")]
 fn recv_stamped(
     socket: &tokio::net::UdpSocket,
     buf: &mut [u8],
 ) -> std::io::Result<(usize, SystemTime)> {
+    use std::os::fd::AsRawFd;
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
@@ -157,7 +160,7 @@ fn recv_stamped(
     hdr.msg_iov = &raw mut iov;
     hdr.msg_iovlen = 1;
     hdr.msg_control = control.as_mut_ptr().cast();
-    hdr.msg_controllen = std::mem::size_of_val(&control);
+    hdr.msg_controllen = std::mem::size_of_val(&control) as _;
     // SAFETY: hdr points at iov and control, which outlive the call and are the sizes stated.
     let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &raw mut hdr, libc::MSG_DONTWAIT) };
     if n < 0 {
@@ -180,6 +183,18 @@ fn recv_stamped(
     Err(std::io::Error::other(
         "no SO_TIMESTAMPNS stamp on a datagram",
     ))
+}
+
+/// Elsewhere, the stamp is taken on reading.
+#[cfg(not(target_os = "linux"))]
+fn stamp_arrivals(_: &tokio::net::UdpSocket) {}
+
+#[cfg(not(target_os = "linux"))]
+fn recv_stamped(
+    socket: &tokio::net::UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(usize, SystemTime)> {
+    Ok((socket.try_recv(buf)?, SystemTime::now()))
 }
 
 async fn run(args: &Args, gw: SocketAddr) -> (Stats, Duration, u64) {
