@@ -266,6 +266,22 @@ fn status_callbacks_are_checked_and_only_move_forward() {
 }
 
 #[test]
+fn callbacks_that_overtake_twilios_answer_are_applied_once_the_sid_is_saved() {
+    let sim = Sim::start();
+    let gw = Gateway::start_messaging("out-early", &sim, "");
+    // "sent" and "delivered" come 100 and 200 ms after the message is created, Twilio's answer
+    // after 600 ms: both callbacks find the SID not saved yet.
+    sim.set_mode(serde_json::json!({"answer_delay_ms": 600}));
+    assert!(send(&gw, "5551230005", "overtaken").contains("202"));
+    let m = eventually(10, "delivered", || {
+        gw.messages("?direction=outbound")
+            .into_iter()
+            .find(|m| m["status"] == "delivered")
+    });
+    assert_eq!(m["twilio_sid"], sim.messages()[0]["sid"]);
+}
+
+#[test]
 fn a_failure_reaches_the_phone_as_a_message() {
     let sim = Sim::start();
     let gw = Gateway::start_messaging("out-notice", &sim, "");

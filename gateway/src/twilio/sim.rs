@@ -79,6 +79,9 @@ pub struct Mode {
     pub retry_after_secs: Option<u64>,
     /// Added before every answer.
     pub latency_ms: u64,
+    /// Added after a message is created and before the answer, so that its status callbacks can
+    /// arrive before the answer does (over the internet they can).
+    pub answer_delay_ms: u64,
     /// The final status callbacks report: "delivered" (default), "undelivered" or "failed".
     pub final_status: Option<String>,
     pub error_code: Option<i64>,
@@ -409,6 +412,9 @@ async fn api_post(
     }
     let resp = api_post_inner(&s, &account, &rest, &headers, &form, &mode).await;
     s.record("POST", &path, &headers, &form, resp.status().as_u16());
+    if mode.answer_delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(mode.answer_delay_ms)).await;
+    }
     resp
 }
 
