@@ -9,6 +9,12 @@
 //! 500 ms, as Timer E would resend), whether the stand-in got exactly one request per 2xx, final
 //! response latency percentiles, and the gateway's RSS and CPU.
 //!
+//! `--against kamailio` puts the reference in smsgw's place, under the same load and stand-in:
+//! Kamailio answering MESSAGE and POSTing it with http_async_client (`support/kamailio-message.cfg`;
+//! nothing kept on disk). Debian does not ship that module; build it from Kamailio's source and
+//! name the file with `--kamailio-module PATH` (BENCHMARKS.md has the commands). Runs alternating between the two, in one
+//! stretch of time, give ratios that the shared machine's noise affects alike.
+//!
 //! Latency is reported twice: as the generator's task saw it, and stamped by the kernel when the
 //! answer reached the generator's socket (`SO_TIMESTAMPNS`, on Linux). The second leaves out the time the
 //! generator itself waited for a core to read the answer, which on a shared two-core machine is
@@ -17,10 +23,10 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
-use support::{between, cpu_secs, field, rss_kib, spawn_until};
+use support::{between, cpu_secs, field, rss_kib, spawn_until, tree_cpu_secs, tree_pss_kib};
 
 mod support;
 
@@ -30,6 +36,15 @@ struct Args {
     secs: u32,
     latency_ms: u64,
     sockets: usize,
+    against: Against,
+    /// http_async_client.so, when Kamailio's module directory lacks it.
+    kamailio_module: Option<String>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Against {
+    Smsgw,
+    Kamailio,
 }
 
 fn parse_args() -> Args {
@@ -39,6 +54,8 @@ fn parse_args() -> Args {
         secs: 10,
         latency_ms: 50,
         sockets: 16,
+        against: Against::Smsgw,
+        kamailio_module: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -49,6 +66,14 @@ fn parse_args() -> Args {
             "--secs" => a.secs = value().parse().expect("number"),
             "--latency-ms" => a.latency_ms = value().parse().expect("number"),
             "--sockets" => a.sockets = value().parse().expect("number"),
+            "--against" => {
+                a.against = match value().as_str() {
+                    "smsgw" => Against::Smsgw,
+                    "kamailio" => Against::Kamailio,
+                    other => panic!("--against is smsgw or kamailio, not {other}"),
+                }
+            }
+            "--kamailio-module" => a.kamailio_module = Some(value()),
             other => panic!("unknown flag {other}; see the file's doc comment"),
         }
     }
@@ -325,35 +350,8 @@ fn http_json(addr: SocketAddr, method: &str, path: &str, body: &str) -> String {
         .unwrap_or_default()
 }
 
-fn main() {
-    let args = parse_args();
-    let dir = std::env::temp_dir().join(format!("smsgw-bench-msg-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let mut sim_cmd = Command::new(support::smsgw_path());
-    sim_cmd
-        .args([
-            "twilio-sim",
-            "--listen",
-            "127.0.0.1:0",
-            "--account-sid",
-            ACCOUNT,
-            "--auth-token",
-            "bench",
-            "--number",
-            DID,
-        ])
-        .env("RUST_LOG", "warn,smsgw::cli=info");
-    let (mut sim, line) = spawn_until(sim_cmd, "stand-in ready");
-    let sim_addr: SocketAddr = field(&line, "listen")
-        .expect("listen")
-        .parse()
-        .expect("addr");
-    let mode = format!(
-        "{{\"latency_ms\": {}, \"no_callbacks\": true}}",
-        args.latency_ms
-    );
-    http_json(sim_addr, "POST", "/_sim/mode", &mode);
-
+/// smsgw with the load generator as a trunk peer, sending from one DID.
+fn start_smsgw(args: &Args, dir: &std::path::Path, sim_addr: SocketAddr) -> (Child, SocketAddr) {
     let config = format!(
         r#"[gateway]
 domain = "127.0.0.1"
@@ -403,15 +401,108 @@ sender = "did:{DID}"
         .args(["run", "--config"])
         .arg(&path)
         .env("RUST_LOG", "warn,smsgw::app=info");
-    let (mut gw, line) = spawn_until(gw_cmd, "smsgw ready");
-    let gw_addr: SocketAddr = field(&line, "sip_udp")
+    let (gw, line) = spawn_until(gw_cmd, "smsgw ready");
+    let addr: SocketAddr = field(&line, "sip_udp")
         .expect("sip_udp")
         .parse()
         .expect("addr");
+    (gw, addr)
+}
+
+/// Kamailio with `support/kamailio-message.cfg`, ready once it answers an OPTIONS.
+fn start_kamailio(args: &Args, dir: &std::path::Path, sim_addr: SocketAddr) -> (Child, SocketAddr) {
+    let path = dir.join("kamailio.cfg");
+    std::fs::write(&path, include_str!("support/kamailio-message.cfg")).expect("config");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("free port")
+        .port();
+    let mut cmd = Command::new("kamailio");
+    cmd.arg("-f")
+        .arg(&path)
+        .args(["-DD", "-E", "-Y"])
+        .arg(dir)
+        .arg("-A")
+        .arg(format!("SIP_PORT={port}"))
+        .arg("-A")
+        .arg(format!(
+            "SIM_URL=\"http://{sim_addr}/2010-04-01/Accounts/{ACCOUNT}/Messages.json\""
+        ))
+        .arg("-A")
+        .arg(format!("ACCOUNT=\"{ACCOUNT}\""))
+        .arg("-A")
+        .arg("TOKEN=\"bench\"")
+        .arg("-A")
+        .arg(format!("FROM=\"{DID}\""));
+    if args.mode == "on_store" {
+        cmd.arg("-A").arg("ANSWER_ON_STORE");
+    }
+    if let Some(module) = &args.kamailio_module {
+        cmd.arg("-A").arg(format!("HTTP_ASYNC_CLIENT=\"{module}\""));
+    }
+    let mut child = cmd
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start kamailio (is it installed?): {e}"));
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let probe = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    probe
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    let options = format!(
+        "OPTIONS sip:{addr} SIP/2.0\r\nVia: SIP/2.0/UDP {};branch=z9hG4bKready;rport\r\n\
+         Max-Forwards: 70\r\nFrom: <sip:bench@127.0.0.1>;tag=r\r\nTo: <sip:{addr}>\r\n\
+         Call-ID: ready@bench\r\nCSeq: 1 OPTIONS\r\nContent-Length: 0\r\n\r\n",
+        probe.local_addr().expect("addr")
+    );
+    let mut buf = [0u8; 2048];
+    for _ in 0..100 {
+        let _ = probe.send_to(options.as_bytes(), addr);
+        if probe.recv(&mut buf).is_ok() {
+            return (child, addr);
+        }
+    }
+    support::stop(&mut child);
+    panic!("kamailio did not answer on {addr} within 10 s");
+}
+
+fn main() {
+    let args = parse_args();
+    let dir = std::env::temp_dir().join(format!("smsgw-bench-msg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut sim_cmd = Command::new(support::smsgw_path());
+    sim_cmd
+        .args([
+            "twilio-sim",
+            "--listen",
+            "127.0.0.1:0",
+            "--account-sid",
+            ACCOUNT,
+            "--auth-token",
+            "bench",
+            "--number",
+            DID,
+        ])
+        .env("RUST_LOG", "warn,smsgw::cli=info");
+    let (mut sim, line) = spawn_until(sim_cmd, "stand-in ready");
+    let sim_addr: SocketAddr = field(&line, "listen")
+        .expect("listen")
+        .parse()
+        .expect("addr");
+    let mode = format!(
+        "{{\"latency_ms\": {}, \"no_callbacks\": true}}",
+        args.latency_ms
+    );
+    http_json(sim_addr, "POST", "/_sim/mode", &mode);
+
+    let (mut gw, gw_addr) = match args.against {
+        Against::Smsgw => start_smsgw(&args, &dir, sim_addr),
+        Against::Kamailio => start_kamailio(&args, &dir, sim_addr),
+    };
     let pid = gw.id();
     std::thread::sleep(Duration::from_secs(1));
     let (gw_cpu0, sim_cpu0, own_cpu0) = (
-        cpu_secs(&pid.to_string()),
+        tree_cpu_secs(pid),
         cpu_secs(&sim.id().to_string()),
         cpu_secs("self"),
     );
@@ -421,9 +512,9 @@ sender = "did:{DID}"
         .build()
         .expect("runtime");
     let (st, send_time, lost) = runtime.block_on(run(&args, gw_addr));
-    let rss = rss_kib(pid);
+    let (rss, pss) = (rss_kib(pid), tree_pss_kib(pid));
     let (gw_cpu, sim_cpu, own_cpu) = (
-        cpu_secs(&pid.to_string()) - gw_cpu0,
+        tree_cpu_secs(pid) - gw_cpu0,
         cpu_secs(&sim.id().to_string()) - sim_cpu0,
         cpu_secs("self") - own_cpu0,
     );
@@ -434,7 +525,11 @@ sender = "did:{DID}"
     let total = u64::from(args.rate) * u64::from(args.secs);
     let pct = |n: u64| 100.0 * n as f64 / total as f64;
     println!(
-        "mode {}: {} MESSAGEs offered at {}/s over {:.1} s",
+        "{} in mode {}: {} MESSAGEs offered at {}/s over {:.1} s",
+        match args.against {
+            Against::Smsgw => "smsgw",
+            Against::Kamailio => "kamailio",
+        },
         args.mode,
         total,
         args.rate,
@@ -457,8 +552,8 @@ sender = "did:{DID}"
     st.stamped
         .print("final response latency ms, stamped by the kernel on arrival");
     println!(
-        "CPU seconds: gateway {gw_cpu:.2}, stand-in {sim_cpu:.2}, load generator {own_cpu:.2}; gateway RSS {} KiB",
-        rss
+        "CPU seconds: gateway {gw_cpu:.2}, stand-in {sim_cpu:.2}, load generator {own_cpu:.2}; \
+         gateway RSS {rss} KiB (main process), PSS {pss} KiB (with its children)"
     );
     support::stop(&mut gw);
     support::stop(&mut sim);

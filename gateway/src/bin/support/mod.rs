@@ -71,6 +71,58 @@ pub fn cpu_secs(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// A process and its children (Kamailio works in forked processes), by pid.
+pub fn with_children(pid: u32) -> Vec<u32> {
+    let mut pids = vec![pid];
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+        // Fields after the command's closing parenthesis: state, then the parent's pid.
+        let parent = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if parent == Some(pid) {
+            pids.push(child);
+        }
+    }
+    pids
+}
+
+/// CPU seconds of a process and its children.
+pub fn tree_cpu_secs(pid: u32) -> f64 {
+    with_children(pid)
+        .iter()
+        .map(|p| cpu_secs(&p.to_string()))
+        .sum()
+}
+
+/// Proportional set size of a process and its children: shared memory counted once in all.
+pub fn tree_pss_kib(pid: u32) -> u64 {
+    with_children(pid)
+        .iter()
+        .filter_map(|p| {
+            let rollup = std::fs::read_to_string(format!("/proc/{p}/smaps_rollup")).ok()?;
+            rollup
+                .lines()
+                .find(|l| l.starts_with("Pss:"))?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// The `p` quantile of sorted microseconds, in milliseconds.
 pub fn percentile_ms(sorted: &[u32], p: f64) -> f64 {
     if sorted.is_empty() {
