@@ -12,10 +12,10 @@ use std::process::ExitCode;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Transparent huge pages off for this process. With them (Linux's default, `always`), the
+/// Transparent huge pages off for this process. Where the system setting is `always`, the
 /// allocator's purges of freed memory split huge pages and fresh ones are zeroed 2 MiB at a time,
-/// both on whichever thread touches the memory: at 7,000 MESSAGEs/s the answers' p99 was 5–11 ms
-/// with them and 2.1–2.9 ms without, and RSS a quarter lower (BENCHMARKS.md, sixth session).
+/// both on whichever thread touches the memory: at 7,000 MESSAGEs/s the answers' p99 was 4–8 ms
+/// with them and 2.2–3.9 ms without, and RSS about 30 % lower (BENCHMARKS.md, sixth session).
 fn without_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE takes integer arguments only and changes nothing but this

@@ -15,8 +15,8 @@
 //! name the file with `--kamailio-module PATH` (BENCHMARKS.md has the commands). Kamailio runs
 //! with the TLSF allocator, as production setups do (its default cost it a fifth of its CPU in
 //! `qm_malloc`). Only `on_store` is a usable reference: in `after_twilio` mode (suspended
-//! transactions) Kamailio 5.6.3 crashed after about 4,900 queries here. Runs alternating between the two, in one
-//! stretch of time, give ratios that the shared machine's noise affects alike.
+//! transactions) Kamailio 5.6.3 crashed after about 4,900 queries here. Runs alternating between
+//! the two, in one stretch of time, give ratios that the shared machine's noise affects alike.
 //!
 //! Latency is reported twice: as the generator's task saw it, and stamped by the kernel when the
 //! answer reached the generator's socket (`SO_TIMESTAMPNS`, on Linux). The second leaves out the time the
@@ -50,6 +50,17 @@ enum Against {
     Kamailio,
 }
 
+impl Against {
+    const ALL: [Self; 2] = [Self::Smsgw, Self::Kamailio];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Smsgw => "smsgw",
+            Self::Kamailio => "kamailio",
+        }
+    }
+}
+
 fn parse_args() -> Args {
     let mut a = Args {
         mode: "on_store".into(),
@@ -70,11 +81,11 @@ fn parse_args() -> Args {
             "--latency-ms" => a.latency_ms = value().parse().expect("number"),
             "--sockets" => a.sockets = value().parse().expect("number"),
             "--against" => {
-                a.against = match value().as_str() {
-                    "smsgw" => Against::Smsgw,
-                    "kamailio" => Against::Kamailio,
-                    other => panic!("--against is smsgw or kamailio, not {other}"),
-                }
+                let name = value();
+                a.against = Against::ALL
+                    .into_iter()
+                    .find(|g| g.name() == name)
+                    .unwrap_or_else(|| panic!("--against is smsgw or kamailio, not {name}"));
             }
             "--kamailio-module" => a.kamailio_module = Some(value()),
             other => panic!("unknown flag {other}; see the file's doc comment"),
@@ -529,10 +540,7 @@ fn main() {
     let pct = |n: u64| 100.0 * n as f64 / total as f64;
     println!(
         "{} in mode {}: {} MESSAGEs offered at {}/s over {:.1} s",
-        match args.against {
-            Against::Smsgw => "smsgw",
-            Against::Kamailio => "kamailio",
-        },
+        args.against.name(),
         args.mode,
         total,
         args.rate,
